@@ -1,0 +1,1 @@
+//! The local key management service.

@@ -1,0 +1,165 @@
+//! Key material: the one type every key byte lives in.
+//!
+//! A crypto library's rules, applied here once so that no other module has to
+//! remember them: the bytes are wiped when dropped (`zeroize`), kept out of swap
+//! (`mlock`), and never printed (`Debug` says `[REDACTED]`). [`harden_process`]
+//! keeps them out of core dumps.
+
+use std::fmt;
+use std::sync::Once;
+
+use zeroize::Zeroize;
+
+/// Bytes of key material: zeroized on drop, locked in memory, never printed.
+///
+/// The buffer is allocated once at its final size and never grows, so no
+/// reallocation can leave an unwiped copy behind.
+pub struct SecretBytes {
+    bytes: Box<[u8]>,
+}
+
+impl SecretBytes {
+    /// A zero-filled secret of `len` bytes, to be filled in place (by a
+    /// decryption, a random generator, a file read) so that the key never
+    /// passes through an unprotected buffer.
+    pub fn zeroed(len: usize) -> Self {
+        let bytes = vec![0u8; len].into_boxed_slice();
+        lock(&bytes);
+        Self { bytes }
+    }
+
+    /// A secret of `len` bytes from the operating system's CSPRNG.
+    pub fn random(len: usize) -> Self {
+        let mut secret = Self::zeroed(len);
+        getrandom::fill(secret.expose_mut()).expect("the OS random number generator failed");
+        secret
+    }
+
+    /// Copies `bytes` into a protected buffer. The caller remains responsible
+    /// for wiping its own copy.
+    pub fn copy_from(bytes: &[u8]) -> Self {
+        let mut secret = Self::zeroed(bytes.len());
+        secret.expose_mut().copy_from_slice(bytes);
+        secret
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The key bytes. Named so that every use is visible in review.
+    pub fn expose(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn expose_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+}
+
+impl Clone for SecretBytes {
+    fn clone(&self) -> Self {
+        Self::copy_from(&self.bytes)
+    }
+}
+
+impl PartialEq for SecretBytes {
+    /// Constant time in the length of the secrets, so a comparison leaks no
+    /// prefix length.
+    fn eq(&self, other: &Self) -> bool {
+        constant_time_eq(&self.bytes, &other.bytes)
+    }
+}
+
+impl Eq for SecretBytes {}
+
+impl Drop for SecretBytes {
+    fn drop(&mut self) {
+        // No munlock: locking is per page, and another secret may share this
+        // page. Keys are few and small, so the pages simply stay locked.
+        self.bytes.zeroize();
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes({} bytes, [REDACTED])", self.bytes.len())
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // black_box keeps the optimiser from turning the fold into an early exit.
+    std::hint::black_box(diff) == 0
+}
+
+/// Keeps key material out of core dumps and away from ptrace by other users:
+/// the process becomes non-dumpable and its core size limit zero. Called by
+/// every command that loads a key; failures are reported once and tolerated,
+/// since an unprivileged container may forbid them.
+pub fn harden_process() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            tracing::warn!("could not mark the process non-dumpable: {e}");
+        }
+        let core = nix::sys::resource::Resource::RLIMIT_CORE;
+        if let Err(e) = nix::sys::resource::setrlimit(core, 0, 0) {
+            tracing::warn!("could not disable core dumps: {e}");
+        }
+    });
+}
+
+/// Locks the pages of `bytes` in RAM so they are never written to swap.
+/// RLIMIT_MEMLOCK may forbid it; a warning is then given once rather than
+/// failing, as GnuPG and cryptsetup do.
+fn lock(bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    let ptr = std::ptr::NonNull::new(bytes.as_ptr() as *mut std::ffi::c_void);
+    let Some(ptr) = ptr else { return };
+    // SAFETY: the pointer and length describe a live allocation we own.
+    if let Err(e) = unsafe { nix::sys::mman::mlock(ptr, bytes.len()) } {
+        static WARN: Once = Once::new();
+        WARN.call_once(|| tracing::warn!("could not lock key memory (mlock: {e}); keys may reach swap"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_bytes() {
+        let s = SecretBytes::copy_from(&[0xAB; 32]);
+        let shown = format!("{s:?}");
+        assert!(shown.contains("REDACTED"));
+        assert!(!shown.to_lowercase().contains("ab"), "{shown}");
+        assert!(!shown.contains("171"), "{shown}");
+    }
+
+    #[test]
+    fn random_secrets_differ_and_have_the_asked_length() {
+        let a = SecretBytes::random(64);
+        let b = SecretBytes::random(64);
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+        assert_eq!(a, a.clone());
+    }
+
+    #[test]
+    fn constant_time_eq_compares_contents_and_lengths() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
