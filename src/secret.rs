@@ -130,7 +130,9 @@ fn lock(bytes: &[u8]) {
     // SAFETY: the pointer and length describe a live allocation we own.
     if let Err(e) = unsafe { nix::sys::mman::mlock(ptr, bytes.len()) } {
         static WARN: Once = Once::new();
-        WARN.call_once(|| tracing::warn!("could not lock key memory (mlock: {e}); keys may reach swap"));
+        WARN.call_once(|| {
+            tracing::warn!("could not lock key memory (mlock: {e}); keys may reach swap")
+        });
     }
 }
 
