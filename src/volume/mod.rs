@@ -1,1 +1,3 @@
 //! One encrypted volume.
+
+pub mod luks2;
