@@ -16,10 +16,12 @@ use crate::secret::{SecretBytes, constant_time_eq};
 /// The volume key is 512 random bits, so the count adds nothing against
 /// guessing it; the digest only has to tell a wrong key from the right one,
 /// and every open pays for it. cryptsetup benchmarks its digest to 125 ms; we
-/// fix a count instead so that headers are reproducible and opens predictable:
-/// 100 000 iterations take about 10-20 ms with SHA extensions (measured on a
-/// noisy 2-core x86-64 with `sha_ni`, release build; cryptsetup's own
-/// benchmark there: 5.4 M iterations/s) and some 40 ms on CPUs without them.
+/// fix a count instead, so that the cost of an open does not depend on the
+/// machine that created the volume:
+/// 100 000 iterations take 10-30 ms in a release build with SHA extensions
+/// (measured on a noisy 2-core x86-64 with `sha_ni`, where cryptsetup's own
+/// benchmark gives 5.4 M iterations/s), tens of ms more without them, and
+/// about 1 s in an unoptimised debug build.
 pub(super) const ITERATIONS: u32 = 100_000;
 
 /// The digest's hash; cryptsetup's default, and the only one we verify.
