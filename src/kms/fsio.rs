@@ -81,11 +81,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KmsError> {
 /// file; durable before it returns. A crash leaves no partial file under the
 /// final name.
 pub fn write_new_private(path: &Path, bytes: &[u8]) -> Result<(), KmsError> {
-    let tmp = tmp_path(path);
+    // A name of our own, so that no file of the caller's is ever truncated.
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let tmp = path.with_file_name(name);
     let mut file = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| KmsError::io("create", &tmp, e))?;
@@ -145,7 +152,11 @@ mod tests {
         let err = write_new_private(&path, b"two").unwrap_err();
         assert!(err.to_string().contains("exists"), "{err}");
         assert_eq!(fs::read(&path).unwrap(), b"one");
-        assert!(!tmp_path(&path).exists());
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary is left"
+        );
     }
 
     #[test]

@@ -36,8 +36,8 @@ pub use key::{
     EncryptionAlgorithm, KeyMetadata, KeySpec, KeyState, KeyUsage, MessageType, SigningAlgorithm,
 };
 pub use local::{
-    AliasListEntry, CreateKeyRequest, DeletionScheduled, Encrypted, KeyListEntry, KeyRotation,
-    LocalKms, PublicKey, RotationStatus,
+    AliasListEntry, CreateKeyRequest, DeletionScheduled, Encrypted, KeyDescription, KeyListEntry,
+    KeyRotation, LocalKms, PublicKey, ROOT_KEY_ENV, RotationStatus,
 };
 pub use time::Timestamp;
 

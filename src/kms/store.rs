@@ -7,9 +7,8 @@
 //! The file is replaced atomically (`fsio::write_atomic`) under the directory
 //! lock, so a crash leaves the previous or the next store, never a torn one.
 
-use std::fs::{self, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io::{ErrorKind, Read};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -84,18 +83,8 @@ impl RootKeys {
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::NotFound && create => {
                 let root = SecretBytes::random(ROOT_KEY_LEN);
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(|e| KmsError::io("create the root key", path, e))?;
-                file.write_all(root.expose())
-                    .and_then(|()| file.sync_all())
-                    .map_err(|e| KmsError::io("write the root key", path, e))?;
-                if let Some(parent) = path.parent() {
-                    fsio::sync_dir(parent)?;
-                }
+                // All or nothing: a torn root key would lock the store forever.
+                fsio::write_new_private(path, root.expose())?;
                 tracing::warn!(
                     "created a new KMS root key at {} (mode 0600); in production keep it apart from the key store and point NBDCRYPT_KMS_ROOT_KEY at it",
                     path.display()

@@ -26,10 +26,6 @@ impl Timestamp {
         Self(seconds)
     }
 
-    pub fn unix(self) -> i64 {
-        self.0
-    }
-
     pub fn plus_days(self, days: u32) -> Self {
         Self(self.0 + i64::from(days) * SECONDS_PER_DAY)
     }
