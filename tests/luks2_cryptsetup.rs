@@ -302,7 +302,7 @@ fn headers_on_block_devices() {
         .open(&dev.0)
         .unwrap();
     assert_eq!(
-        nbdcrypt::volume::luks2::device_size(&device).unwrap(),
+        nbdcrypt::volume::device_size(&device).unwrap(),
         DEFAULT_DATA_OFFSET + DATA_SIZE
     );
     let mut read = Header::read_from(&device).unwrap();

@@ -27,11 +27,12 @@ mod token;
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileExt;
 
 use serde_json::{Map, Value, json};
 
 use crate::secret::SecretBytes;
+use crate::volume::backing::device_size;
 use binary::{BINARY_HEADER_LEN, BinaryHeader, DecodedCopy};
 use digest::Pbkdf2Digest;
 use metadata::CryptSegment;
@@ -369,28 +370,6 @@ impl Header {
             digest,
             damage,
         })
-    }
-}
-
-/// The size of a regular file, or of a block device (BLKGETSIZE64).
-pub fn device_size(file: &File) -> io::Result<u64> {
-    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
-    let meta = file.metadata()?;
-    let kind = meta.file_type();
-    if kind.is_file() {
-        Ok(meta.len())
-    } else if kind.is_block_device() {
-        let mut size = 0u64;
-        // SAFETY: BLKGETSIZE64 writes one u64 to the pointer we pass, which
-        // points at a live u64; the descriptor is open for the call's duration.
-        unsafe { blkgetsize64(std::os::fd::AsRawFd::as_raw_fd(file), &mut size) }
-            .map_err(io::Error::from)?;
-        Ok(size)
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file or a block device",
-        ))
     }
 }
 

@@ -1,0 +1,239 @@
+//! The backing store of a volume: a regular file or a block device.
+//!
+//! Both are addressed with positional I/O (`pread`/`pwrite`), so concurrent
+//! requests share one descriptor without a seek lock, and go through the page
+//! cache: `flush` is `fdatasync`, as in nbdkit's file plugin. The two kinds
+//! differ only in how they report their size, make a range read as zeros and
+//! report allocation; those differences live here and nowhere else.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+
+use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
+use nix::unistd::{Whence, lseek64};
+
+mod ioctl {
+    // <linux/fs.h>: BLKGETSIZE64 = _IOR(0x12, 114, size_t); BLKDISCARD =
+    // _IO(0x12, 119) and BLKZEROOUT = _IO(0x12, 127), both taking a
+    // `uint64_t[2]` of {offset, length}.
+    nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
+    nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
+    nix::ioctl_write_ptr_bad!(blk_zero_out, nix::request_code_none!(0x12, 127), [u64; 2]);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingKind {
+    File,
+    BlockDevice,
+}
+
+/// One allocation run of the backing store, in its own byte offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    pub length: u64,
+    /// Never written, or punched: reads as zero bytes.
+    pub hole: bool,
+}
+
+#[derive(Debug)]
+pub struct Backing {
+    file: File,
+    kind: BackingKind,
+}
+
+impl Backing {
+    pub fn new(file: File) -> io::Result<Self> {
+        let kind = if file.metadata()?.file_type().is_block_device() {
+            BackingKind::BlockDevice
+        } else {
+            BackingKind::File
+        };
+        Ok(Self { file, kind })
+    }
+
+    /// Takes an advisory lock for the life of the descriptor: exclusive for a
+    /// writer, shared for readers. A header or data writer must be alone
+    /// (LUKS2 updates assume one writer); nothing waits for the lock.
+    pub fn lock(&self, exclusive: bool) -> io::Result<()> {
+        let mode = if exclusive {
+            nix::libc::LOCK_EX
+        } else {
+            nix::libc::LOCK_SH
+        };
+        // SAFETY: flock only reads the descriptor number, which is open.
+        if unsafe { nix::libc::flock(self.file.as_raw_fd(), mode | nix::libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(nix::libc::EWOULDBLOCK) {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the volume is in use by another process (a running `nbdcrypt serve`?); stop it first",
+            ));
+        }
+        Err(err)
+    }
+
+    pub fn kind(&self) -> BackingKind {
+        self.kind
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The length in bytes: of the file, or of the device (its metadata says 0).
+    pub fn len(&self) -> io::Result<u64> {
+        device_size(&self.file)
+    }
+
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Makes the range read as zero bytes without writing them: a punched
+    /// hole in a file, BLKZEROOUT on a device (which unmaps where it can).
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match self.kind {
+            BackingKind::File => fallocate(
+                &self.file,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                to_off(offset)?,
+                to_off(len)?,
+            )
+            .map_err(io::Error::from),
+            BackingKind::BlockDevice => {
+                let range = [offset, len];
+                // SAFETY: the descriptor is open and `range` outlives the call.
+                unsafe { ioctl::blk_zero_out(self.file.as_raw_fd(), &range) }
+                    .map(drop)
+                    .map_err(io::Error::from)
+            }
+        }
+    }
+
+    /// Gives the range back to the storage below. On a file this is a hole
+    /// (reads as zeros); on a device the contents become unspecified, which
+    /// is all NBD's TRIM promises.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.kind {
+            BackingKind::File => self.zero_range(offset, len),
+            BackingKind::BlockDevice => {
+                let range = [offset, len];
+                // SAFETY: the descriptor is open and `range` outlives the call.
+                unsafe { ioctl::blk_discard(self.file.as_raw_fd(), &range) }
+                    .map(drop)
+                    .map_err(io::Error::from)
+            }
+        }
+    }
+
+    /// Starts reading the range into the page cache (NBD_CMD_CACHE).
+    pub fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        posix_fadvise(
+            &self.file,
+            to_off(offset)?,
+            to_off(len)?,
+            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        )
+        .map_err(io::Error::from)
+    }
+
+    /// Allocation runs covering `[offset, offset + len)` (at least its start).
+    /// Files answer with SEEK_DATA/SEEK_HOLE; a device, or a file system
+    /// without hole reporting, is all data.
+    pub fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Allocation>> {
+        let end = offset.saturating_add(len);
+        if self.kind == BackingKind::BlockDevice {
+            return Ok(vec![Allocation {
+                length: len,
+                hole: false,
+            }]);
+        }
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = match lseek64(&self.file, to_off(pos)?, Whence::SeekData) {
+                Ok(d) => d as u64,
+                // ENXIO: no data at or after pos, the rest is a hole.
+                Err(nix::errno::Errno::ENXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            if data > pos {
+                let length = data.min(end) - pos;
+                runs.push(Allocation { length, hole: true });
+                pos += length;
+                continue;
+            }
+            let hole = lseek64(&self.file, to_off(pos)?, Whence::SeekHole)? as u64;
+            let length = hole.min(end) - pos;
+            runs.push(Allocation {
+                length,
+                hole: false,
+            });
+            pos += length;
+        }
+        Ok(runs)
+    }
+}
+
+/// The size of a regular file, or of a block device (BLKGETSIZE64); anything
+/// else cannot hold a volume.
+pub fn device_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    if kind.is_file() {
+        Ok(meta.len())
+    } else if kind.is_block_device() {
+        let mut size = 0u64;
+        // SAFETY: BLKGETSIZE64 writes one u64 to the pointer we pass, which
+        // points at a live u64; the descriptor is open for the call's duration.
+        unsafe { ioctl::blk_get_size64(file.as_raw_fd(), &mut size) }?;
+        Ok(size)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file or a block device",
+        ))
+    }
+}
+
+fn to_off(v: u64) -> io::Result<i64> {
+    i64::try_from(v).map_err(|_| io::Error::from_raw_os_error(nix::libc::EOVERFLOW))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_and_data_of_a_sparse_file() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4 << 20).unwrap();
+        let b = Backing::new(f).unwrap();
+        b.write_all_at(&[7u8; 65536], 1 << 20).unwrap();
+        let runs = b.allocation(0, 4 << 20).unwrap();
+        let total: u64 = runs.iter().map(|r| r.length).sum();
+        assert_eq!(total, 4 << 20);
+        assert!(runs[0].hole);
+        assert!(runs.iter().any(|r| !r.hole));
+        b.zero_range(1 << 20, 65536).unwrap();
+        let mut buf = [1u8; 16];
+        b.read_exact_at(&mut buf, 1 << 20).unwrap();
+        assert_eq!(buf, [0u8; 16]);
+        assert!(b.allocation(0, 4 << 20).unwrap().iter().all(|r| r.hole));
+    }
+}

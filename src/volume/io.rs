@@ -1,0 +1,211 @@
+//! Plaintext I/O on an unlocked volume.
+//!
+//! Sectors are the unit of encryption, so requests at any other alignment
+//! become whole-sector operations here: reads decrypt the covering sectors and
+//! copy out the middle; writes read-modify-write their partial head and tail
+//! sectors under an exclusive stripe lock (see `locks`).
+//!
+//! A sector whose ciphertext is all zero bytes reads as zeros. That is how a
+//! fresh sparse volume reads as zeros, like a new EBS volume, and how a punched
+//! hole or a zeroed device range does; the chance that real ciphertext of a
+//! 512-byte sector is all zeros is 2^-4096.
+
+use std::io;
+
+use crate::volume::{Allocation, Volume};
+
+/// Zeroing large ranges goes through a buffer of this size.
+const ZERO_CHUNK: usize = 1 << 20;
+
+impl Volume {
+    /// Reads plaintext at any offset and length within the volume.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let (start, end) = self.covering_sectors(offset, buf.len() as u64);
+        if start == offset && end == offset + buf.len() as u64 {
+            return self.read_sectors(start, buf);
+        }
+        let mut whole = vec![0u8; (end - start) as usize];
+        self.read_sectors(start, &mut whole)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&whole[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    /// Writes plaintext at any offset and length within the volume. `data` is
+    /// encrypted in place when it is sector-aligned, so the caller's buffer
+    /// holds ciphertext afterwards. Durable after [`Volume::flush`].
+    pub fn write(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        let len = data.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        let (start, end) = self.covering_sectors(offset, len);
+        if start == offset && end == offset + len {
+            let _held = self.locks.lock(start, len, false);
+            return self.write_sectors(start, data);
+        }
+        let _held = self.locks.lock(start, end - start, true);
+        let mut whole = vec![0u8; (end - start) as usize];
+        let ss = self.sector_size as usize;
+        if offset != start {
+            self.read_sectors(start, &mut whole[..ss])?;
+        }
+        let tail = whole.len() - ss;
+        if offset + len != end && (tail > 0 || offset == start) {
+            self.read_sectors(end - self.sector_size, &mut whole[tail..])?;
+        }
+        let skip = (offset - start) as usize;
+        whole[skip..skip + data.len()].copy_from_slice(data);
+        self.write_sectors(start, &mut whole)
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> io::Result<()> {
+        self.backing.sync()
+    }
+
+    /// Makes the range read as zeros. Ranges that are holes already are left
+    /// alone. With `may_punch` and `--allow-discards` the rest is punched out
+    /// too; otherwise encrypted zeros are written, so the backing store shows
+    /// no more than an ordinary write would.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_punch: bool) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let (inner_start, inner_end) = self.inner_sectors(offset, len);
+        if inner_start >= inner_end {
+            return self.write(offset, &mut vec![0u8; len as usize]);
+        }
+        self.write(offset, &mut vec![0u8; (inner_start - offset) as usize])?;
+        self.write(
+            inner_end,
+            &mut vec![0u8; (offset + len - inner_end) as usize],
+        )?;
+        let _held = self.locks.lock(inner_start, inner_end - inner_start, false);
+        let mut pos = inner_start;
+        for run in self.allocation(inner_start, inner_end - inner_start)? {
+            if !run.hole {
+                if may_punch && self.allow_discards {
+                    self.backing
+                        .zero_range(self.data_offset + pos, run.length)?;
+                } else {
+                    self.write_encrypted_zeros(pos, run.length)?;
+                }
+            }
+            pos += run.length;
+        }
+        Ok(())
+    }
+
+    /// NBD's TRIM: gives whole sectors back to the backing store when discards
+    /// are allowed, and does nothing otherwise (TRIM is advisory).
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let (start, end) = self.inner_sectors(offset, len);
+        if !self.allow_discards || start >= end {
+            return Ok(());
+        }
+        let _held = self.locks.lock(start, end - start, false);
+        self.backing.discard(self.data_offset + start, end - start)
+    }
+
+    /// Starts reading the range into the page cache.
+    pub fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        self.backing.prefetch(self.data_offset + offset, len)
+    }
+
+    /// Which parts of the range are holes (read as zeros, never written or
+    /// discarded), in volume offsets; covers at least the start of the range.
+    pub fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Allocation>> {
+        self.check_range(offset, len)?;
+        self.backing.allocation(self.data_offset + offset, len)
+    }
+
+    fn write_encrypted_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        let mut buf = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        while offset < end {
+            let n = ((end - offset) as usize).min(buf.len());
+            buf[..n].fill(0);
+            self.write_sectors(offset, &mut buf[..n])?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads and decrypts whole sectors starting at byte `offset`; all-zero
+    /// ciphertext sectors stay zero. Consecutive data sectors are decrypted in
+    /// one call, so the cipher can batch across them.
+    fn read_sectors(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.backing.read_exact_at(buf, self.data_offset + offset)?;
+        let ss = self.sector_size as usize;
+        let first = offset / self.sector_size;
+        let sectors = buf.len() / ss;
+        let mut i = 0;
+        while i < sectors {
+            if is_zero(&buf[i * ss..(i + 1) * ss]) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < sectors && !is_zero(&buf[j * ss..(j + 1) * ss]) {
+                j += 1;
+            }
+            self.cipher
+                .decrypt(first + i as u64, &mut buf[i * ss..j * ss]);
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn write_sectors(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        self.cipher.encrypt(offset / self.sector_size, data);
+        self.backing.write_all_at(data, self.data_offset + offset)
+    }
+
+    /// The sector-aligned range that covers `[offset, offset + len)`.
+    fn covering_sectors(&self, offset: u64, len: u64) -> (u64, u64) {
+        let ss = self.sector_size;
+        (offset / ss * ss, (offset + len).div_ceil(ss) * ss)
+    }
+
+    /// The whole sectors inside `[offset, offset + len)`; empty when start >= end.
+    fn inner_sectors(&self, offset: u64, len: u64) -> (u64, u64) {
+        let ss = self.sector_size;
+        (offset.div_ceil(ss) * ss, (offset + len) / ss * ss)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range {offset}+{len} is beyond the end of the volume ({} bytes)",
+                    self.size
+                ),
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the volume is attached read-only",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks sixteen bytes at a time; real ciphertext fails on the first word.
+fn is_zero(sector: &[u8]) -> bool {
+    let mut words = sector.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16-byte chunk")) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}

@@ -1,0 +1,213 @@
+//! The one shared test helper: a private KMS directory, the `nbdcrypt`
+//! binary run against it, volumes made through the CLI, and servers started
+//! on Unix sockets and stopped by the pid we started.
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const DB: &str = "db-CQYSMDPBRZ7BPMH7Y3RTDG5QY";
+
+/// A temporary folder with its own KMS; removed when dropped.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn kms_dir(&self) -> PathBuf {
+        self.path("kms")
+    }
+
+    /// `nbdcrypt` with this environment's KMS.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nbdcrypt"));
+        c.env("NBDCRYPT_KMS_DIR", self.kms_dir())
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// Runs `nbdcrypt ARGS` and returns its output, whatever the exit code.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run nbdcrypt")
+    }
+
+    /// Runs `nbdcrypt ARGS`, panicking with its stderr if it fails; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "nbdcrypt {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs `nbdcrypt ARGS`, expecting exit code 1; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "nbdcrypt {args:?} should fail; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).expect("utf-8 stderr")
+    }
+
+    /// Creates a symmetric CMK under `alias`.
+    pub fn key(&self, alias: &str) {
+        self.ok(&[
+            "kms",
+            "create-key",
+            "--alias",
+            alias,
+            "--description",
+            "test key",
+        ]);
+    }
+
+    /// Creates a volume of `size` under `alias`, for DB and `vol_id`.
+    pub fn volume(&self, name: &str, size: &str, alias: &str, vol_id: &str) -> PathBuf {
+        let path = self.path(name);
+        self.ok(&[
+            "volume",
+            "create",
+            path.to_str().unwrap(),
+            "--size",
+            size,
+            "--kms-key",
+            alias,
+            "--db-id",
+            DB,
+            "--vol-id",
+            vol_id,
+        ]);
+        path
+    }
+
+    /// The audit records, oldest first.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.ok(&["kms", "audit", "--json"])
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    /// The newest audit record.
+    pub fn last_audit(&self) -> serde_json::Value {
+        self.audit().pop().expect("at least one audit record")
+    }
+}
+
+/// Random bytes from the OS.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    getrandom::fill(&mut v).expect("random");
+    v
+}
+
+/// Runs an external tool and returns its output; panics if it cannot start.
+pub fn tool(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (scripts/test.sh installs it)"))
+}
+
+/// Like [`tool`], but the tool must succeed; returns stdout.
+pub fn tool_ok(program: &str, args: &[&str]) -> String {
+    let out = tool(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    tool_ok("sha256sum", &[path.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A `nbdcrypt serve` process on a Unix socket; SIGTERM and reaped on drop.
+pub struct Server {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+}
+
+impl Server {
+    /// Starts `nbdcrypt serve --unix SOCK --db-id DB ARGS…` and waits until a
+    /// full NBD handshake succeeds.
+    pub fn start(env: &Env, socket_name: &str, args: &[&str]) -> Self {
+        let socket = env.path(socket_name);
+        let child = env
+            .cmd()
+            .args(["serve", "--unix", socket.to_str().unwrap(), "--db-id", DB])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn nbdcrypt serve");
+        let mut server = Self { child, socket };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&mut self) {
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("nbdcrypt serve exited early: {status}");
+            }
+            if self.socket.exists() && tool("nbdinfo", &["--size", &self.uri("")]).status.success()
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("nbdcrypt serve did not answer a handshake within 10 s");
+    }
+
+    /// `nbd+unix:///EXPORT?socket=…`; an empty export is the default one.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// SIGTERM, then waits; returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    /// SIGKILL: a crash, as far as the volume can tell.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("wait for nbdcrypt serve")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
+}
