@@ -283,8 +283,11 @@ fn trim_zeroes_and_block_status_through_qemu_io_and_nbdinfo_map() {
     server.stop().unwrap();
 }
 
-fn fio(uri: &str, name: &str, extra: &[&str]) -> Command {
+/// fio with crc32c verification; it runs in `dir`, where it leaves its
+/// verify state files.
+fn fio(dir: &std::path::Path, uri: &str, name: &str, extra: &[&str]) -> Command {
     let mut command = Command::new("fio");
+    command.current_dir(dir);
     command.args([
         &format!("--name={name}"),
         "--ioengine=nbd",
@@ -314,7 +317,12 @@ fn fio_errors(out: &str) -> u64 {
 #[test]
 fn fio_random_writes_verify_at_iodepth_32() {
     let server = server();
-    let out = run_ok(&mut fio(&server.uri("disk"), "verify", &["--size=16M"]));
+    let out = run_ok(&mut fio(
+        server.dir.path(),
+        &server.uri("disk"),
+        "verify",
+        &["--size=16M"],
+    ));
     assert_eq!(fio_errors(&out), 0);
     server.stop().unwrap();
 }
@@ -323,8 +331,9 @@ fn fio_random_writes_verify_at_iodepth_32() {
 fn two_fio_processes_on_two_connections_at_once() {
     let server = server();
     let uri = server.uri("disk");
-    let mut first = fio(&uri, "low", &["--offset=0", "--size=16M"]);
-    let mut second = fio(&uri, "high", &["--offset=32M", "--size=16M"]);
+    let dir = server.dir.path();
+    let mut first = fio(dir, &uri, "low", &["--offset=0", "--size=16M"]);
+    let mut second = fio(dir, &uri, "high", &["--offset=32M", "--size=16M"]);
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| run_ok(&mut first));
         let b = s.spawn(|| run_ok(&mut second));
