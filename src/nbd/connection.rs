@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{debug, warn};
 
+use super::buffers::BufferPool;
 use super::handshake::{Session, read_message};
 use super::proto::ProtoError;
 use super::proto::transmission::{
@@ -61,7 +62,9 @@ struct Reply {
     command: Command,
     offset: u64,
     result: Result<Outcome, NbdError>,
-    _permit: Option<OwnedSemaphorePermit>,
+    /// A read's data (for `Outcome::Data`), else empty.
+    buffer: Vec<u8>,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// What the reader found next.
@@ -75,6 +78,7 @@ enum Incoming {
     Refused {
         header: RequestHeader,
         error: NbdError,
+        permit: OwnedSemaphorePermit,
     },
     Disconnect,
     Closed,
@@ -109,19 +113,25 @@ where
 {
     let session = Arc::new(session);
     let (replies, queue) = mpsc::unbounded_channel();
+    let inflight = Arc::new(Semaphore::new(limits.max_inflight_bytes_per_connection));
+    // Idle buffers are not in flight; half the in-flight bound keeps enough
+    // of them for a steady stream of requests.
+    let pool = Arc::new(BufferPool::new(
+        limits.max_inflight_bytes_per_connection / 2,
+    ));
     let mut writer = tokio::spawn(write_replies(
         writer,
         queue,
         session.structured,
         session.meta_context.unwrap_or_default(),
+        pool.clone(),
     ));
-    let inflight = Arc::new(Semaphore::new(limits.max_inflight_bytes_per_connection));
 
     let end = loop {
         let incoming = tokio::select! {
             biased;
             () = shutdown.wait() => break End::Shutdown,
-            incoming = read_request(&mut reader, &session, &inflight) => incoming,
+            incoming = read_request(&mut reader, &session, &inflight, &pool) => incoming,
         };
         match incoming {
             Ok(Incoming::Request {
@@ -133,16 +143,24 @@ where
                 let session = session.clone();
                 let replies = replies.clone();
                 let tracker = tracker.clone();
+                let pool = pool.clone();
                 tokio::task::spawn_blocking(move || {
                     let backend = session.export.backend.as_ref();
+                    let mut buffer = match op {
+                        Op::Read { length, .. } => pool.take(length as usize),
+                        _ => payload,
+                    };
                     let result = catch_unwind(AssertUnwindSafe(|| {
-                        op.execute(backend, session.size, payload)
+                        op.execute(backend, session.size, &mut buffer)
                     }))
                     .unwrap_or_else(|_| {
                         Err(NbdError::Io(io::Error::other("the backend panicked")))
                     });
                     if let Err(e) = &result {
                         warn!(command = ?header.command, offset = header.offset, length = header.length, error = %e, "request failed");
+                    }
+                    if !matches!(result, Ok(Outcome::Data)) {
+                        pool.give(std::mem::take(&mut buffer));
                     }
                     // The writer is gone only if the connection failed;
                     // the reply then has nobody to go to.
@@ -151,19 +169,25 @@ where
                         command: header.command,
                         offset: header.offset,
                         result,
-                        _permit: Some(permit),
+                        buffer,
+                        _permit: permit,
                     });
                     drop(tracker);
                 });
             }
-            Ok(Incoming::Refused { header, error }) => {
+            Ok(Incoming::Refused {
+                header,
+                error,
+                permit,
+            }) => {
                 debug!(command = ?header.command, offset = header.offset, length = header.length, error = %error, "request refused");
                 let _ = replies.send(Reply {
                     cookie: header.cookie,
                     command: header.command,
                     offset: header.offset,
                     result: Err(error),
-                    _permit: None,
+                    buffer: Vec::new(),
+                    _permit: permit,
                 });
             }
             Ok(Incoming::Disconnect) => {
@@ -214,30 +238,41 @@ async fn read_request<R: AsyncRead + Unpin>(
     reader: &mut R,
     session: &Session,
     inflight: &Arc<Semaphore>,
+    pool: &BufferPool,
 ) -> Result<Incoming, ConnectionError> {
     let mut bytes = [0; RequestHeader::LEN];
     if !read_message(reader, &mut bytes).await? {
         return Ok(Incoming::Closed);
     }
     let header = RequestHeader::read(&bytes)?;
-    let op = match header.validate(session) {
-        Ok(Op::Disconnect) => return Ok(Incoming::Disconnect),
-        Ok(op) => op,
-        Err(error) => {
-            discard(reader, header.payload_len().into()).await?;
-            return Ok(Incoming::Refused { header, error });
-        }
-    };
-    let charge = op.payload_bytes() + REQUEST_OVERHEAD;
+    let validated = header.validate(session);
+    if let Ok(Op::Disconnect) = validated {
+        return Ok(Incoming::Disconnect);
+    }
+    // A refused request's reply waits for the writer like any other, so it
+    // is charged too: a client that sends nothing but bad requests and
+    // reads no replies is bounded as well.
+    let charge = validated.as_ref().map_or(0, Op::payload_bytes) + REQUEST_OVERHEAD;
     // Never more than the semaphore holds: serve() checks the limits.
     let permit = inflight
         .clone()
         .acquire_many_owned(charge as u32)
         .await
         .expect("the in-flight semaphore is never closed");
+    let op = match validated {
+        Ok(op) => op,
+        Err(error) => {
+            discard(reader, header.payload_len().into()).await?;
+            return Ok(Incoming::Refused {
+                header,
+                error,
+                permit,
+            });
+        }
+    };
     let mut payload = Vec::new();
     if let Op::Write { length, .. } = op {
-        payload = vec![0; length as usize];
+        payload = pool.take(length as usize);
         reader.read_exact(&mut payload).await?;
     }
     Ok(Incoming::Request {
@@ -266,14 +301,16 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut queue: mpsc::UnboundedReceiver<Reply>,
     structured: bool,
     context_id: u32,
+    pool: Arc<BufferPool>,
 ) -> io::Result<()> {
     let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
     let mut scratch = Vec::new();
     while let Some(reply) = queue.recv().await {
         write_reply(&mut writer, &reply, structured, context_id, &mut scratch).await?;
-        drop(reply);
+        pool.give(reply.buffer);
         while let Ok(reply) = queue.try_recv() {
             write_reply(&mut writer, &reply, structured, context_id, &mut scratch).await?;
+            pool.give(reply.buffer);
         }
         writer.flush().await?;
     }
@@ -299,15 +336,16 @@ async fn write_reply<W: AsyncWrite + Unpin>(
     };
     scratch.clear();
     match (&reply.result, structured) {
-        (Ok(Outcome::Data(data)), true) if !data.is_empty() => {
+        (Ok(Outcome::Data), true) if !reply.buffer.is_empty() => {
+            let data = &reply.buffer;
             let header = offset_data_header(cookie, reply.offset, data.len() as u32);
             return write_all_vectored(writer, &mut [IoSlice::new(&header), IoSlice::new(data)])
                 .await;
         }
-        (Ok(Outcome::Data(data)), false) => {
+        (Ok(Outcome::Data), false) => {
             return write_all_vectored(
                 writer,
-                &mut [IoSlice::new(&ok.encode()), IoSlice::new(data)],
+                &mut [IoSlice::new(&ok.encode()), IoSlice::new(&reply.buffer)],
             )
             .await;
         }

@@ -14,13 +14,15 @@
 //!   of the protocol's error values.
 //! - [`connection`]: the transmission phase: requests run concurrently on
 //!   the blocking pool and are answered out of order by one writer, with
-//!   in-flight bytes bounded per connection.
+//!   in-flight bytes bounded per connection; [`buffers`] keeps payload
+//!   buffers for reuse.
 //! - [`server`]: accept loops on TCP and Unix sockets, the connection
 //!   limit, shutdown fan-out and the final flush.
 //!
 //! The server is generic over a [`Backend`]: the encrypted volume in
 //! production, a plain file or memory in tests.
 
+pub mod buffers;
 pub mod connection;
 pub mod error;
 pub mod handshake;
@@ -113,9 +115,10 @@ pub struct Limits {
     /// size. proto.md: servers SHOULD accept at least 2^25 (32 MiB).
     pub max_request_bytes: u32,
     /// Payload bytes one connection may have in flight (read buffers,
-    /// write payloads, replies waiting to be sent); the connection stops
-    /// reading requests while it is at the bound. At least
-    /// `max_request_bytes`.
+    /// write payloads, replies waiting to be sent, each request counted at
+    /// least 4 KiB); the connection stops reading requests while it is at
+    /// the bound. At least `max_request_bytes` plus 4 KiB. Idle buffers kept
+    /// for reuse add at most half as much again.
     pub max_inflight_bytes_per_connection: usize,
     /// How long a client may take from connecting to entering the
     /// transmission phase, so that clients stuck in the handshake cannot

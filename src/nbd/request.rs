@@ -48,8 +48,8 @@ pub enum Op {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     Done,
-    /// The data of a read, `length` bytes.
-    Data(Vec<u8>),
+    /// A read filled the buffer it was given.
+    Data,
     /// The `base:allocation` extents of a block status request.
     Extents(Vec<BlockDescriptor>),
 }
@@ -239,23 +239,23 @@ impl Op {
         }
     }
 
-    /// Carries out the request on the backend (blocking). `payload` is the
-    /// write's data and is empty for every other command. Writes with FUA
+    /// Carries out the request on the backend (blocking). `buf` is the
+    /// write's data or the read's destination, `length` bytes, and empty
+    /// for every other command. Writes with FUA
     /// are followed by a flush before the reply: the backend is shared by
     /// every connection, so that flush also honours `CAN_MULTI_CONN`.
     pub fn execute(
         self,
         backend: &dyn Backend,
         size: u64,
-        mut payload: Vec<u8>,
+        buf: &mut [u8],
     ) -> Result<Outcome, NbdError> {
         let fua = match self {
             Op::Read { offset, length } => {
-                let mut buf = vec![0; length as usize];
                 if length > 0 {
-                    backend.read(offset, &mut buf)?;
+                    backend.read(offset, buf)?;
                 }
-                return Ok(Outcome::Data(buf));
+                return Ok(Outcome::Data);
             }
             Op::Write {
                 offset,
@@ -263,7 +263,7 @@ impl Op {
                 fua,
             } => {
                 if length > 0 {
-                    backend.write(offset, &mut payload)?;
+                    backend.write(offset, buf)?;
                 }
                 fua
             }
@@ -670,7 +670,7 @@ mod tests {
             fua: true,
         };
         assert_eq!(
-            write.execute(be, s.size, b"abc".to_vec()).unwrap(),
+            write.execute(be, s.size, &mut b"abc".to_vec()).unwrap(),
             Outcome::Done
         );
         assert_eq!(backend.flushes(), 1);
@@ -678,21 +678,18 @@ mod tests {
             offset: 99,
             length: 5,
         };
-        assert_eq!(
-            read.execute(be, s.size, Vec::new()).unwrap(),
-            Outcome::Data(b"\0abc\0".to_vec())
-        );
+        let mut buf = [0xff; 5];
+        assert_eq!(read.execute(be, s.size, &mut buf).unwrap(), Outcome::Data);
+        assert_eq!(&buf, b"\0abc\0");
         let zero = Op::WriteZeroes {
             offset: 101,
             length: 1,
             fua: false,
             may_trim: false,
         };
-        zero.execute(be, s.size, Vec::new()).unwrap();
-        assert_eq!(
-            read.execute(be, s.size, Vec::new()).unwrap(),
-            Outcome::Data(b"\0a\0c\0".to_vec())
-        );
+        zero.execute(be, s.size, &mut []).unwrap();
+        read.execute(be, s.size, &mut buf).unwrap();
+        assert_eq!(&buf, b"\0a\0c\0");
         assert_eq!(backend.flushes(), 1);
     }
 }
