@@ -131,6 +131,16 @@ where
         let incoming = tokio::select! {
             biased;
             () = shutdown.wait() => break End::Shutdown,
+            // The writer only stops early when writing failed: nobody
+            // would get the replies, so stop reading requests.
+            written = &mut writer => {
+                let error = match written {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => io::Error::other("the reply writer stopped"),
+                    Err(e) => io::Error::other(e),
+                };
+                break End::Failed(error.into());
+            }
             incoming = read_request(&mut reader, &session, &inflight, &pool) => incoming,
         };
         match incoming {
