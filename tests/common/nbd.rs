@@ -56,6 +56,23 @@ impl FileBackend {
         }
     }
 
+    /// An existing file, as a server restart finds it.
+    pub fn open(path: &Path, block_size: u32, can_trim: bool) -> Self {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let size = file.metadata().unwrap().len();
+        FileBackend {
+            file,
+            size,
+            block_size,
+            can_trim,
+            flushes: AtomicUsize::new(0),
+        }
+    }
+
     pub fn flushes(&self) -> usize {
         self.flushes.load(Ordering::SeqCst)
     }
