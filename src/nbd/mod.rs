@@ -1,1 +1,145 @@
-//! The NBD protocol and server.
+//! The NBD protocol and server (NetworkBlockDevice/nbd `doc/proto.md`).
+//!
+//! A tour, from the wire inwards:
+//!
+//! - [`proto`]: the sans-I/O codec: magics and codes as open enums, the
+//!   handshake's options and replies, request headers, simple and
+//!   structured replies. No sockets; never panics on any input.
+//! - [`handshake`]: the fixed-newstyle negotiation, one method per option,
+//!   ending in a [`handshake::Session`] (export, flags, structured replies,
+//!   metadata context) or a clean close.
+//! - `request`: what a request means on a given export, validated before
+//!   any I/O (bounds, flags, read-only), as one [`request::Op`].
+//! - [`error`]: [`NbdError`], and the one place where any error becomes one
+//!   of the protocol's error values.
+//! - [`connection`]: the transmission phase: requests run concurrently on
+//!   the blocking pool and are answered out of order by one writer, with
+//!   in-flight bytes bounded per connection; [`buffers`] keeps payload
+//!   buffers for reuse.
+//! - [`server`]: accept loops on TCP and Unix sockets, the connection
+//!   limit, shutdown fan-out and the final flush.
+//!
+//! The server is generic over a [`Backend`]: the encrypted volume in
+//! production, a plain file or memory in tests.
+
+pub mod buffers;
+pub mod connection;
+pub mod error;
+pub mod handshake;
+pub mod proto;
+pub mod request;
+pub mod server;
+
+#[cfg(test)]
+mod testing;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::NbdError;
+pub use server::serve;
+
+/// What an export is served from. Calls block; the server runs them on
+/// the blocking pool (`spawn_blocking`), so crypto and disk I/O scale with
+/// cores and never stall the reactor. Calls on one backend run concurrently,
+/// from one or many connections.
+pub trait Backend: Send + Sync + 'static {
+    /// The export's size in bytes; fixed for the life of the server.
+    fn size(&self) -> u64;
+    /// The natural block size (the volume's sector size, 512 or 4096),
+    /// advertised as the preferred block size. A power of two.
+    fn block_size(&self) -> u32;
+    /// Reads `buf.len()` bytes at `offset`, any offset and length within
+    /// `size()` (the backend does read-modify-write of partial sectors
+    /// itself, safely against concurrent writers).
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Writes `data` at `offset`. `data` may be clobbered (encrypted in
+    /// place). Durable only after `flush()`.
+    fn write(&self, offset: u64, data: &mut [u8]) -> std::io::Result<()>;
+    /// Makes every completed write durable, whichever connection made it.
+    fn flush(&self) -> std::io::Result<()>;
+    /// Whether TRIM may punch holes (the server's `--allow-discards`). When
+    /// false, `NBD_FLAG_SEND_TRIM` is not advertised and `trim` is never
+    /// called.
+    fn can_trim(&self) -> bool;
+    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()>;
+    /// The range must read as zeros afterwards; `may_trim` is false when
+    /// the client set `NBD_CMD_FLAG_NO_HOLE`.
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> std::io::Result<()>;
+    /// A hint that the range will be accessed soon.
+    fn cache(&self, offset: u64, len: u64) -> std::io::Result<()>;
+    /// `base:allocation` extents, consecutive from `offset`, covering at
+    /// least the start of `[offset, offset + len)`.
+    fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>>;
+}
+
+/// One extent of the `base:allocation` metadata context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// Not allocated in the backing store.
+    pub hole: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+}
+
+/// One export: what clients name in `NBD_OPT_GO` (or `NBD_OPT_EXPORT_NAME`),
+/// and what serves it. The first export of the server is also the default
+/// export, `""`.
+#[derive(Clone)]
+pub struct Export {
+    /// Non-empty, at most 4096 bytes, no NUL; unique within the server.
+    pub name: String,
+    /// Shown to humans by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
+    pub description: String,
+    pub read_only: bool,
+    pub backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("description", &self.description)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bounds on what clients can make the server hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections beyond this are accepted and closed at once.
+    pub max_connections: usize,
+    /// The largest READ or WRITE payload, advertised as the maximum block
+    /// size. proto.md: servers SHOULD accept at least 2^25 (32 MiB).
+    pub max_request_bytes: u32,
+    /// Payload bytes one connection may have in flight (read buffers,
+    /// write payloads, replies waiting to be sent, each request counted at
+    /// least 4 KiB); the connection stops reading requests while it is at
+    /// the bound. At least `max_request_bytes` plus 4 KiB. Idle buffers kept
+    /// for reuse add at most half as much again.
+    pub max_inflight_bytes_per_connection: usize,
+    /// How long a client may take from connecting to entering the
+    /// transmission phase, so that clients stuck in the handshake cannot
+    /// hold connection slots forever.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            max_request_bytes: 32 << 20,
+            max_inflight_bytes_per_connection: 64 << 20,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A socket to accept clients on.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}

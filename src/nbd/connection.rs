@@ -1,0 +1,702 @@
+//! The transmission phase of one connection. The reading side parses and
+//! validates requests one after another; each valid request runs on the
+//! blocking pool, concurrently with the others, and hands its reply to a
+//! single writer task, so replies go out in completion order (proto.md
+//! allows any order) and never interleave.
+//!
+//! Memory is bounded per connection: before a request's buffer exists the
+//! reader takes its size from a semaphore of
+//! `Limits::max_inflight_bytes_per_connection`, and gives it back only once
+//! the reply is written. At the bound, the reader stops reading, and the
+//! client's writes back up in its socket.
+
+use std::io::{self, IoSlice};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::{debug, warn};
+
+use super::buffers::BufferPool;
+use super::handshake::{Session, read_message};
+use super::proto::ProtoError;
+use super::proto::transmission::{
+    ChunkHeader, RequestHeader, SimpleReply, encode_block_status_chunk, encode_error_chunk,
+    offset_data_header,
+};
+use super::proto::wire::{Command, WireError};
+use super::request::{Op, Outcome};
+use super::server::Shutdown;
+use super::{Limits, NbdError};
+
+/// Every request in flight is charged at least this much against the
+/// connection's bound, for its task and bookkeeping; so requests without
+/// payload (flush, trim, zeroes) are bounded in number too.
+pub const REQUEST_OVERHEAD: usize = 4096;
+
+/// How long, once the server is shutting down, replies may take to reach a
+/// client that does not read them before the connection is dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Replies are gathered in a buffer of this size, so a burst of small
+/// replies leaves in one system call; larger reads go out directly.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("connection failed: {0}")]
+    Io(#[from] io::Error),
+    /// A request header that is not one; the stream is out of step, so the
+    /// server hangs up (proto.md allows a hard disconnect on a violation).
+    #[error("client sent a malformed request: {0}")]
+    Protocol(#[from] ProtoError),
+}
+
+/// One request's reply, on its way to the writer. The permit is the
+/// request's share of the in-flight bound, released once the reply is out.
+struct Reply {
+    cookie: u64,
+    command: Command,
+    offset: u64,
+    result: Result<Outcome, NbdError>,
+    /// A read's data (for `Outcome::Data`), else empty.
+    buffer: Vec<u8>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What the reader found next.
+enum Incoming {
+    Request {
+        header: RequestHeader,
+        op: Op,
+        payload: Vec<u8>,
+        permit: OwnedSemaphorePermit,
+    },
+    Refused {
+        header: RequestHeader,
+        error: NbdError,
+        permit: OwnedSemaphorePermit,
+    },
+    Disconnect,
+    Closed,
+}
+
+/// How the reading side stopped.
+enum End {
+    /// `NBD_CMD_DISC`, or the client closed its side between requests:
+    /// answer what is in flight, then close.
+    Disconnect,
+    /// The server is shutting down: answer what is in flight, within a
+    /// grace period.
+    Shutdown,
+    /// The stream broke or went out of step: hang up.
+    Failed(ConnectionError),
+}
+
+/// Serves requests until the client disconnects, the stream fails, or the
+/// server shuts down. `tracker` is held by every task that may still touch
+/// the backend, so the server knows when they are all gone.
+pub async fn run<R, W>(
+    mut reader: R,
+    writer: W,
+    session: Session,
+    limits: &Limits,
+    shutdown: &mut Shutdown,
+    tracker: mpsc::Sender<()>,
+) -> Result<(), ConnectionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let session = Arc::new(session);
+    let (replies, queue) = mpsc::unbounded_channel();
+    let inflight = Arc::new(Semaphore::new(limits.max_inflight_bytes_per_connection));
+    // Idle buffers are not in flight; half the in-flight bound keeps enough
+    // of them for a steady stream of requests.
+    let pool = Arc::new(BufferPool::new(
+        limits.max_inflight_bytes_per_connection / 2,
+    ));
+    let mut writer = tokio::spawn(write_replies(
+        writer,
+        queue,
+        session.structured,
+        session.meta_context.unwrap_or_default(),
+        pool.clone(),
+    ));
+
+    let end = loop {
+        let incoming = tokio::select! {
+            biased;
+            () = shutdown.wait() => break End::Shutdown,
+            // The writer only stops early when writing failed: nobody
+            // would get the replies, so stop reading requests.
+            written = &mut writer => {
+                let error = match written {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => io::Error::other("the reply writer stopped"),
+                    Err(e) => io::Error::other(e),
+                };
+                break End::Failed(error.into());
+            }
+            incoming = read_request(&mut reader, &session, &inflight, &pool) => incoming,
+        };
+        match incoming {
+            Ok(Incoming::Request {
+                header,
+                op,
+                payload,
+                permit,
+            }) => {
+                let session = session.clone();
+                let replies = replies.clone();
+                let tracker = tracker.clone();
+                let pool = pool.clone();
+                tokio::task::spawn_blocking(move || {
+                    let backend = session.export.backend.as_ref();
+                    let mut buffer = match op {
+                        Op::Read { length, .. } => pool.take(length as usize),
+                        _ => payload,
+                    };
+                    let result = catch_unwind(AssertUnwindSafe(|| {
+                        op.execute(backend, session.size, &mut buffer)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(NbdError::Io(io::Error::other("the backend panicked")))
+                    });
+                    if let Err(e) = &result {
+                        warn!(command = ?header.command, offset = header.offset, length = header.length, error = %e, "request failed");
+                    }
+                    if !matches!(result, Ok(Outcome::Data)) {
+                        pool.give(std::mem::take(&mut buffer));
+                    }
+                    // The writer is gone only if the connection failed;
+                    // the reply then has nobody to go to.
+                    let _ = replies.send(Reply {
+                        cookie: header.cookie,
+                        command: header.command,
+                        offset: header.offset,
+                        result,
+                        buffer,
+                        _permit: permit,
+                    });
+                    drop(tracker);
+                });
+            }
+            Ok(Incoming::Refused {
+                header,
+                error,
+                permit,
+            }) => {
+                debug!(command = ?header.command, offset = header.offset, length = header.length, error = %error, "request refused");
+                let _ = replies.send(Reply {
+                    cookie: header.cookie,
+                    command: header.command,
+                    offset: header.offset,
+                    result: Err(error),
+                    buffer: Vec::new(),
+                    _permit: permit,
+                });
+            }
+            Ok(Incoming::Disconnect) => {
+                debug!("client sent NBD_CMD_DISC");
+                break End::Disconnect;
+            }
+            Ok(Incoming::Closed) => {
+                debug!("client closed the connection");
+                break End::Disconnect;
+            }
+            Err(e) => break End::Failed(e),
+        }
+    };
+    // The writer stops once every in-flight request has sent its reply and
+    // dropped its sender.
+    drop(replies);
+    match end {
+        End::Failed(e) => {
+            writer.abort();
+            Err(e)
+        }
+        End::Disconnect | End::Shutdown => {
+            let finished = tokio::select! {
+                finished = &mut writer => finished,
+                () = async {
+                    shutdown.wait().await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => {
+                    writer.abort();
+                    warn!("client did not take its replies during shutdown; dropped the connection");
+                    return Ok(());
+                }
+            };
+            match finished {
+                Ok(result) => result.map_err(ConnectionError::Io),
+                Err(e) => Err(io::Error::other(e).into()),
+            }
+        }
+    }
+}
+
+/// Reads the next request, validates it against the session, and for a
+/// valid one takes its share of the in-flight bound before reading its
+/// payload. A refused write's payload is read and dropped, a bounded piece at
+/// a time, so a too-large length costs no memory and the stream stays in
+/// step.
+async fn read_request<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    session: &Session,
+    inflight: &Arc<Semaphore>,
+    pool: &BufferPool,
+) -> Result<Incoming, ConnectionError> {
+    let mut bytes = [0; RequestHeader::LEN];
+    if !read_message(reader, &mut bytes).await? {
+        return Ok(Incoming::Closed);
+    }
+    let header = RequestHeader::read(&bytes)?;
+    let validated = header.validate(session);
+    if let Ok(Op::Disconnect) = validated {
+        return Ok(Incoming::Disconnect);
+    }
+    // A refused request's reply waits for the writer like any other, so it
+    // is charged too: a client that sends nothing but bad requests and
+    // reads no replies is bounded as well.
+    let charge = validated.as_ref().map_or(0, Op::payload_bytes) + REQUEST_OVERHEAD;
+    // Never more than the semaphore holds: serve() checks the limits.
+    let permit = inflight
+        .clone()
+        .acquire_many_owned(charge as u32)
+        .await
+        .expect("the in-flight semaphore is never closed");
+    let op = match validated {
+        Ok(op) => op,
+        Err(error) => {
+            discard(reader, header.payload_len().into()).await?;
+            return Ok(Incoming::Refused {
+                header,
+                error,
+                permit,
+            });
+        }
+    };
+    let mut payload = Vec::new();
+    if let Op::Write { length, .. } = op {
+        payload = pool.take(length as usize);
+        reader.read_exact(&mut payload).await?;
+    }
+    Ok(Incoming::Request {
+        header,
+        op,
+        payload,
+        permit,
+    })
+}
+
+async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<()> {
+    let copied = tokio::io::copy(&mut reader.take(len), &mut tokio::io::sink()).await?;
+    if copied < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("client closed the connection {copied} bytes into a {len} byte payload"),
+        ));
+    }
+    Ok(())
+}
+
+/// The one writer of a connection: takes replies as requests complete and
+/// writes them, flushing once the queue is momentarily empty.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut queue: mpsc::UnboundedReceiver<Reply>,
+    structured: bool,
+    context_id: u32,
+    pool: Arc<BufferPool>,
+) -> io::Result<()> {
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
+    let mut scratch = Vec::new();
+    while let Some(reply) = queue.recv().await {
+        write_reply(&mut writer, &reply, structured, context_id, &mut scratch).await?;
+        pool.give(reply.buffer);
+        while let Ok(reply) = queue.try_recv() {
+            write_reply(&mut writer, &reply, structured, context_id, &mut scratch).await?;
+            pool.give(reply.buffer);
+        }
+        writer.flush().await?;
+    }
+    writer.shutdown().await
+}
+
+/// Encodes one reply: simple replies unless structured replies were
+/// negotiated; then reads are data chunks (proto.md: a read "MUST NOT" get
+/// a simple reply), errors are error chunks with a message, and other
+/// successes stay simple (allowed, and shorter). Read data goes out after
+/// its header without being copied next to it.
+async fn write_reply<W: AsyncWrite + Unpin>(
+    writer: &mut BufWriter<W>,
+    reply: &Reply,
+    structured: bool,
+    context_id: u32,
+    scratch: &mut Vec<u8>,
+) -> io::Result<()> {
+    let cookie = reply.cookie;
+    let ok = SimpleReply {
+        error: WireError::OK,
+        cookie,
+    };
+    scratch.clear();
+    match (&reply.result, structured) {
+        (Ok(Outcome::Data), true) if !reply.buffer.is_empty() => {
+            let data = &reply.buffer;
+            let header = offset_data_header(cookie, reply.offset, data.len() as u32);
+            return write_all_vectored(writer, &mut [IoSlice::new(&header), IoSlice::new(data)])
+                .await;
+        }
+        (Ok(Outcome::Data), false) => {
+            return write_all_vectored(
+                writer,
+                &mut [IoSlice::new(&ok.encode()), IoSlice::new(&reply.buffer)],
+            )
+            .await;
+        }
+        (Ok(_), true) if reply.command == Command::READ => {
+            scratch.extend_from_slice(&ChunkHeader::done(cookie).encode());
+        }
+        (Ok(Outcome::Extents(descriptors)), true) => {
+            encode_block_status_chunk(cookie, context_id, descriptors, scratch);
+        }
+        (Ok(_), _) => scratch.extend_from_slice(&ok.encode()),
+        (Err(e), true) => encode_error_chunk(cookie, e.wire_code(), &e.to_string(), scratch),
+        (Err(e), false) => scratch.extend_from_slice(
+            &SimpleReply {
+                error: e.wire_code(),
+                cookie,
+            }
+            .encode(),
+        ),
+    }
+    writer.write_all(scratch).await
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    while !bufs.is_empty() {
+        let n = writer.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::handshake::BASE_ALLOCATION_ID;
+    use crate::nbd::proto::wire::{
+        CommandFlags, ReplyType, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+    };
+    use crate::nbd::testing::{MemBackend, session};
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, DuplexStream, duplex};
+    use tokio::sync::watch;
+    use tokio::task::JoinHandle;
+
+    struct Harness {
+        client: DuplexStream,
+        server: JoinHandle<Result<(), ConnectionError>>,
+        _stop: watch::Sender<bool>,
+    }
+
+    fn start(session: Session) -> Harness {
+        let (client, server) = duplex(1 << 20);
+        let (stop, stopped) = watch::channel(false);
+        let (tracker, _) = mpsc::channel(1);
+        let server = tokio::spawn(async move {
+            let (r, w) = tokio::io::split(server);
+            let limits = Limits {
+                max_request_bytes: session.max_request_bytes,
+                ..Limits::default()
+            };
+            run(r, w, session, &limits, &mut Shutdown::new(stopped), tracker).await
+        });
+        Harness {
+            client,
+            server,
+            _stop: stop,
+        }
+    }
+
+    async fn request(
+        client: &mut DuplexStream,
+        command: Command,
+        flags: CommandFlags,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
+        let header = RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        client.write_all(&header.encode()).await.unwrap();
+        client.write_all(payload).await.unwrap();
+    }
+
+    /// A simple reply: (error, cookie), and `data_len` bytes of data when
+    /// the error is zero.
+    async fn simple(client: &mut DuplexStream, data_len: usize) -> (u32, u64, Vec<u8>) {
+        let mut header = [0; 16];
+        client.read_exact(&mut header).await.unwrap();
+        assert_eq!(&header[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        let error = u32::from_be_bytes(header[4..8].try_into().unwrap());
+        let mut data = vec![0; if error == 0 { data_len } else { 0 }];
+        client.read_exact(&mut data).await.unwrap();
+        (
+            error,
+            u64::from_be_bytes(header[8..16].try_into().unwrap()),
+            data,
+        )
+    }
+
+    /// A structured chunk: (flags, type, cookie, payload).
+    async fn chunk(client: &mut DuplexStream) -> (u16, ReplyType, u64, Vec<u8>) {
+        let mut header = [0; 20];
+        client.read_exact(&mut header).await.unwrap();
+        assert_eq!(&header[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        let len = u32::from_be_bytes(header[16..20].try_into().unwrap());
+        let mut payload = vec![0; len as usize];
+        client.read_exact(&mut payload).await.unwrap();
+        (
+            u16::from_be_bytes(header[4..6].try_into().unwrap()),
+            ReplyType(u16::from_be_bytes(header[6..8].try_into().unwrap())),
+            u64::from_be_bytes(header[8..16].try_into().unwrap()),
+            payload,
+        )
+    }
+
+    const NONE: CommandFlags = CommandFlags::EMPTY;
+
+    #[tokio::test]
+    async fn simple_replies_carry_data_and_errors() {
+        let backend = MemBackend::new(1 << 16, 512, true);
+        let mut h = start(session(backend.clone(), false, false));
+        let c = &mut h.client;
+        request(c, Command::WRITE, CommandFlags::FUA, 1, 1000, 5, b"hello").await;
+        assert_eq!(simple(c, 0).await, (0, 1, vec![]));
+        assert_eq!(backend.flushes(), 1, "FUA flushes before the reply");
+        request(c, Command::READ, NONE, 2, 999, 7, &[]).await;
+        assert_eq!(simple(c, 7).await, (0, 2, b"\0hello\0".to_vec()));
+        request(c, Command::READ, NONE, 3, (1 << 16) - 1, 2, &[]).await;
+        assert_eq!(
+            simple(c, 2).await,
+            (22, 3, vec![]),
+            "read past the end: EINVAL"
+        );
+        request(c, Command::WRITE, NONE, 4, (1 << 16) - 1, 2, b"xy").await;
+        assert_eq!(
+            simple(c, 0).await,
+            (28, 4, vec![]),
+            "write past the end: ENOSPC, payload consumed"
+        );
+        request(c, Command::READ, NONE, 5, 0, 0, &[]).await;
+        assert_eq!(simple(c, 0).await, (0, 5, vec![]));
+        request(c, Command(42), NONE, 6, 0, 0, &[]).await;
+        assert_eq!(simple(c, 0).await, (22, 6, vec![]));
+        request(c, Command::DISC, NONE, 7, 0, 0, &[]).await;
+        h.server.await.unwrap().unwrap();
+        let mut rest = Vec::new();
+        h.client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "no reply to DISC");
+        assert_eq!(&backend.contents()[1000..1005], b"hello");
+    }
+
+    #[tokio::test]
+    async fn structured_replies_use_chunks() {
+        let backend = MemBackend::new(1 << 16, 512, true);
+        let mut h = start(session(backend.clone(), false, true));
+        let c = &mut h.client;
+        request(c, Command::WRITE, NONE, 1, 4096, 4, b"data").await;
+        assert_eq!(
+            simple(c, 0).await,
+            (0, 1, vec![]),
+            "successes without data may stay simple"
+        );
+
+        request(c, Command::READ, CommandFlags::DF, 2, 4094, 8, &[]).await;
+        let (flags, kind, cookie, payload) = chunk(c).await;
+        assert_eq!((flags, kind, cookie), (1, ReplyType::OFFSET_DATA, 2));
+        assert_eq!(&payload[..8], &4094u64.to_be_bytes());
+        assert_eq!(&payload[8..], b"\0\0data\0\0");
+
+        request(c, Command::READ, NONE, 3, 0, 0, &[]).await;
+        assert_eq!(chunk(c).await, (1, ReplyType::NONE, 3, vec![]));
+
+        request(c, Command::READ, NONE, 4, 1 << 16, 1, &[]).await;
+        let (flags, kind, cookie, payload) = chunk(c).await;
+        assert_eq!((flags, kind, cookie), (1, ReplyType::ERROR, 4));
+        assert_eq!(&payload[..4], &22u32.to_be_bytes());
+        let len = u16::from_be_bytes([payload[4], payload[5]]) as usize;
+        let message = std::str::from_utf8(&payload[6..]).unwrap();
+        assert_eq!(message.len(), len);
+        assert!(message.contains("past the end"), "{message}");
+
+        request(c, Command::BLOCK_STATUS, NONE, 5, 0, 8192, &[]).await;
+        let (flags, kind, cookie, payload) = chunk(c).await;
+        assert_eq!((flags, kind, cookie), (1, ReplyType::BLOCK_STATUS, 5));
+        assert_eq!(&payload[..4], &BASE_ALLOCATION_ID.to_be_bytes());
+        // A hole up to 4096, data from 4096 (its 512-byte block).
+        assert_eq!(&payload[4..12], &[0, 0, 16, 0, 0, 0, 0, 3]);
+        assert_eq!(&payload[12..20], &[0, 0, 2, 0, 0, 0, 0, 0]);
+
+        request(
+            c,
+            Command::WRITE_ZEROES,
+            CommandFlags::FAST_ZERO | CommandFlags::NO_HOLE,
+            6,
+            0,
+            512,
+            &[],
+        )
+        .await;
+        let (_, kind, _, payload) = chunk(c).await;
+        assert_eq!(kind, ReplyType::ERROR);
+        assert_eq!(&payload[..4], &95u32.to_be_bytes(), "ENOTSUP");
+    }
+
+    #[tokio::test]
+    async fn a_refused_oversized_write_keeps_the_stream_in_step() {
+        let backend = MemBackend::new(1 << 20, 512, true);
+        let mut s = session(backend.clone(), false, false);
+        s.max_request_bytes = 4096;
+        let mut h = start(s);
+        let c = &mut h.client;
+        let big = vec![0xaa; 4097];
+        request(c, Command::WRITE, NONE, 1, 0, 4097, &big).await;
+        assert_eq!(simple(c, 0).await, (22, 1, vec![]));
+        request(c, Command::WRITE, NONE, 2, 0, 1, b"z").await;
+        assert_eq!(simple(c, 0).await, (0, 2, vec![]));
+        assert_eq!(backend.contents()[0], b'z');
+        assert!(backend.contents()[1..8192].iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test]
+    async fn writes_to_a_read_only_export_are_refused_and_consumed() {
+        let backend = MemBackend::new(1 << 16, 512, true);
+        let mut h = start(session(backend.clone(), true, false));
+        let c = &mut h.client;
+        request(c, Command::WRITE, NONE, 1, 0, 3, b"abc").await;
+        assert_eq!(simple(c, 0).await, (1, 1, vec![]), "EPERM");
+        request(c, Command::TRIM, NONE, 2, 0, 512, &[]).await;
+        assert_eq!(simple(c, 0).await, (1, 2, vec![]));
+        request(c, Command::READ, NONE, 3, 0, 3, &[]).await;
+        assert_eq!(simple(c, 3).await, (0, 3, vec![0; 3]));
+    }
+
+    #[tokio::test]
+    async fn a_bad_magic_ends_the_connection() {
+        let mut h = start(session(MemBackend::new(4096, 512, true), false, false));
+        h.client
+            .write_all(&[0x12; RequestHeader::LEN])
+            .await
+            .unwrap();
+        assert!(matches!(
+            h.server.await.unwrap(),
+            Err(ConnectionError::Protocol(ProtoError::BadMagic { .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_mid_payload_ends_the_connection() {
+        let mut h = start(session(MemBackend::new(1 << 16, 512, true), false, false));
+        request(&mut h.client, Command::WRITE, NONE, 1, 0, 4096, &[1; 100]).await;
+        drop(h.client);
+        assert!(matches!(
+            h.server.await.unwrap(),
+            Err(ConnectionError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof
+        ));
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_reading_and_answers_what_is_in_flight() {
+        let (client, server) = duplex(1 << 20);
+        let (stop, stopped) = watch::channel(false);
+        let (tracker, mut done) = mpsc::channel(1);
+        let backend = MemBackend::new(1 << 16, 512, true);
+        let s = session(backend, false, false);
+        let server = tokio::spawn(async move {
+            let (r, w) = tokio::io::split(server);
+            run(
+                r,
+                w,
+                s,
+                &Limits::default(),
+                &mut Shutdown::new(stopped),
+                tracker,
+            )
+            .await
+        });
+        let mut client = client;
+        request(&mut client, Command::READ, NONE, 1, 0, 16, &[]).await;
+        assert_eq!(simple(&mut client, 16).await.0, 0);
+        stop.send(true).unwrap();
+        server.await.unwrap().unwrap();
+        assert!(
+            done.recv().await.is_none(),
+            "no task left holding the tracker"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Any byte stream in the transmission phase ends the connection
+        /// cleanly or with a specific error once the client stops: nothing
+        /// panics, nothing hangs.
+        #[test]
+        fn random_requests_never_panic_or_hang(
+            structured in any::<bool>(),
+            requests in proptest::collection::vec(
+                (any::<u16>(), 0u16..10, 0u64..(1 << 17), 0u32..(1 << 14)),
+                0..8,
+            ),
+            garbage in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut bytes = Vec::new();
+            for (i, &(flags, command, offset, length)) in requests.iter().enumerate() {
+                let header = RequestHeader {
+                    flags: CommandFlags(flags),
+                    command: Command(command),
+                    cookie: i as u64,
+                    offset,
+                    length,
+                };
+                bytes.extend_from_slice(&header.encode());
+                if command == Command::WRITE.0 {
+                    bytes.extend(std::iter::repeat_n(7u8, length as usize));
+                }
+            }
+            bytes.extend_from_slice(&garbage);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let mut h = start(session(MemBackend::new(1 << 16, 512, true), false, structured));
+                let mut client = h.client;
+                let io = tokio::spawn(async move {
+                    client.write_all(&bytes).await.unwrap();
+                    client.shutdown().await.unwrap();
+                    let mut sink = Vec::new();
+                    let _ = client.read_to_end(&mut sink).await;
+                });
+                let _ = (&mut h.server).await.unwrap();
+                io.await.unwrap();
+            });
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! Shared by the NBD integration tests: a file-backed test backend, an
+//! in-process server on a Unix socket in a temporary directory, a raw
+//! client that speaks the protocol byte by byte, and a way to run the real
+//! clients with a deadline.
+#![allow(dead_code)] // Each test binary uses its own part of this module.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nbdcrypt::nbd::proto::transmission::RequestHeader;
+use nbdcrypt::nbd::proto::wire::{
+    Command as Cmd, CommandFlags, IHAVEOPT, InfoType, OPTION_REPLY_MAGIC, OptionCode,
+    OptionReplyType, ReplyType, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, TransmissionFlags,
+};
+use nbdcrypt::nbd::{Backend, Export, Extent, Limits, Listener};
+use nix::errno::Errno;
+use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
+use nix::unistd::{Whence, lseek};
+use tempfile::TempDir;
+
+/// A plain file as an export: pread/pwrite, holes punched for trim and
+/// zeroing, extents from SEEK_DATA/SEEK_HOLE. Test-only; the real backend
+/// is the encrypted volume.
+pub struct FileBackend {
+    file: File,
+    size: u64,
+    block_size: u32,
+    can_trim: bool,
+    flushes: AtomicUsize,
+}
+
+impl FileBackend {
+    /// A sparse file of `size` bytes at `path`.
+    pub fn create(path: &Path, size: u64, block_size: u32, can_trim: bool) -> Self {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .unwrap();
+        file.set_len(size).unwrap();
+        FileBackend {
+            file,
+            size,
+            block_size,
+            can_trim,
+            flushes: AtomicUsize::new(0),
+        }
+    }
+
+    /// An existing file, as a server restart finds it.
+    pub fn open(path: &Path, block_size: u32, can_trim: bool) -> Self {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let size = file.metadata().unwrap().len();
+        FileBackend {
+            file,
+            size,
+            block_size,
+            can_trim,
+            flushes: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn flushes(&self) -> usize {
+        self.flushes.load(Ordering::SeqCst)
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        fallocate(self.file.as_fd(), mode, offset as i64, len as i64)?;
+        Ok(())
+    }
+
+    /// The next offset at or after `from` where data (or a hole) starts.
+    fn seek(&self, from: u64, whence: Whence) -> io::Result<u64> {
+        match lseek(self.file.as_fd(), from as i64, whence) {
+            Ok(at) => Ok(at as u64),
+            // No data after `from`: everything to the end is a hole.
+            Err(Errno::ENXIO) => Ok(self.size),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Backend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.file.sync_data()
+    }
+    fn can_trim(&self) -> bool {
+        self.can_trim
+    }
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.punch(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        if may_trim && self.can_trim {
+            return self.punch(offset, len);
+        }
+        let zeros = vec![0; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64);
+            self.file.write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+        }
+        Ok(())
+    }
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        posix_fadvise(
+            self.file.as_fd(),
+            offset as i64,
+            len as i64,
+            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        )?;
+        Ok(())
+    }
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let end = (offset + len).min(self.size);
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let data = self.seek(at, Whence::SeekData)?;
+            if data > at {
+                let next = data.min(self.size);
+                out.push(Extent {
+                    length: next - at,
+                    hole: true,
+                    zero: true,
+                });
+                at = next;
+            } else {
+                let hole = self.seek(at, Whence::SeekHole)?.min(self.size);
+                out.push(Extent {
+                    length: hole - at,
+                    hole: false,
+                    zero: false,
+                });
+                at = hole;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A backend whose reads and writes at offsets in a chosen set wait until
+/// the test opens the gate: to hold requests in flight on purpose.
+pub struct Gated<B> {
+    pub inner: B,
+    gated: Vec<u64>,
+    state: Mutex<(bool, usize)>,
+    changed: Condvar,
+}
+
+impl<B> Gated<B> {
+    pub fn new(inner: B, gated: Vec<u64>) -> Self {
+        Gated {
+            inner,
+            gated,
+            state: Mutex::new((false, 0)),
+            changed: Condvar::new(),
+        }
+    }
+
+    pub fn open(&self) {
+        self.state.lock().unwrap().0 = true;
+        self.changed.notify_all();
+    }
+
+    /// Blocks until `n` requests are waiting at the gate.
+    pub fn wait_for_waiters(&self, n: usize) {
+        let mut state = self.state.lock().unwrap();
+        while state.1 < n {
+            state = self.changed.wait(state).unwrap();
+        }
+    }
+
+    fn pass(&self, offset: u64) {
+        if !self.gated.contains(&offset) {
+            return;
+        }
+        let mut state = self.state.lock().unwrap();
+        state.1 += 1;
+        self.changed.notify_all();
+        while !state.0 {
+            state = self.changed.wait(state).unwrap();
+        }
+    }
+}
+
+impl<B: Backend> Backend for Gated<B> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.pass(offset);
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        self.pass(offset);
+        self.inner.write(offset, data)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn can_trim(&self) -> bool {
+        self.inner.can_trim()
+    }
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len, may_trim)
+    }
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.cache(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.inner.extents(offset, len)
+    }
+}
+
+pub fn export(name: &str, backend: Arc<dyn Backend>, read_only: bool) -> Export {
+    Export {
+        name: name.into(),
+        description: format!("{name} for tests"),
+        read_only,
+        backend,
+    }
+}
+
+/// A server running in-process on its own runtime, on a Unix socket in a
+/// temporary directory. Dropping it shuts it down.
+pub struct TestServer {
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    /// The TCP port on 127.0.0.1 the server also listens on.
+    pub port: u16,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<io::Result<()>>>,
+}
+
+impl TestServer {
+    pub fn start(dir: TempDir, exports: Vec<Export>) -> Self {
+        Self::start_with(dir, exports, Limits::default())
+    }
+
+    pub fn start_with(dir: TempDir, exports: Vec<Export>, limits: Limits) -> Self {
+        let socket = dir.path().join("nbd.sock");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (unix, tcp) = {
+            let _guard = runtime.enter();
+            (
+                tokio::net::UnixListener::bind(&socket).unwrap(),
+                std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            )
+        };
+        let port = tcp.local_addr().unwrap().port();
+        tcp.set_nonblocking(true).unwrap();
+        let tcp = {
+            let _guard = runtime.enter();
+            tokio::net::TcpListener::from_std(tcp).unwrap()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = runtime.spawn(nbdcrypt::nbd::serve(
+            exports,
+            limits,
+            vec![Listener::Unix(unix), Listener::Tcp(tcp)],
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        TestServer {
+            dir,
+            socket,
+            port,
+            runtime: Some(runtime),
+            stop: Some(stop),
+            served: Some(served),
+        }
+    }
+
+    /// `nbd+unix:///EXPORT?socket=PATH`; `""` is the default export.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// `nbd://127.0.0.1:PORT/EXPORT`.
+    pub fn tcp_uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.port)
+    }
+
+    /// Shuts the server down and returns what `serve` returned.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> io::Result<()> {
+        let (Some(stop), Some(served), Some(runtime)) =
+            (self.stop.take(), self.served.take(), self.runtime.take())
+        else {
+            return Ok(());
+        };
+        let _ = stop.send(());
+        let result = runtime.block_on(served).unwrap();
+        runtime.shutdown_timeout(Duration::from_secs(10));
+        result
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Runs a real client with a deadline; kills it (by its pid) if it hangs.
+pub fn run(command: &mut Command) -> Output {
+    const DEADLINE: Duration = Duration::from_secs(180);
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let started = Instant::now();
+    // Read the pipes on threads so a chatty client cannot block on them.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        stdout.read_to_end(&mut buf).unwrap();
+        buf
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        stderr.read_to_end(&mut buf).unwrap();
+        buf
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// Runs a client that must succeed; returns its stdout.
+pub fn run_ok(command: &mut Command) -> String {
+    let output = run(command);
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A client that speaks the protocol byte by byte over a blocking socket.
+pub struct RawClient {
+    pub stream: UnixStream,
+    pub flags: TransmissionFlags,
+    pub size: u64,
+}
+
+/// A reply as the raw client read it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RawReply {
+    Simple {
+        cookie: u64,
+        error: u32,
+        data: Vec<u8>,
+    },
+    Chunk {
+        cookie: u64,
+        flags: u16,
+        kind: ReplyType,
+        payload: Vec<u8>,
+    },
+}
+
+impl RawReply {
+    pub fn cookie(&self) -> u64 {
+        match self {
+            RawReply::Simple { cookie, .. } | RawReply::Chunk { cookie, .. } => *cookie,
+        }
+    }
+}
+
+impl RawClient {
+    /// Greets, optionally negotiates structured replies and
+    /// `base:allocation`, then `NBD_OPT_GO` to `export`.
+    pub fn connect(socket: &Path, export: &str, structured: bool) -> Self {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        let mut greeting = [0; 18];
+        stream.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+        stream.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut client = RawClient {
+            stream,
+            flags: TransmissionFlags::EMPTY,
+            size: 0,
+        };
+        if structured {
+            client.option(OptionCode::STRUCTURED_REPLY, &[]);
+            assert_eq!(client.option_reply().0, OptionReplyType::ACK);
+            let mut data = (export.len() as u32).to_be_bytes().to_vec();
+            data.extend_from_slice(export.as_bytes());
+            data.extend_from_slice(&1u32.to_be_bytes());
+            data.extend_from_slice(&15u32.to_be_bytes());
+            data.extend_from_slice(b"base:allocation");
+            client.option(OptionCode::SET_META_CONTEXT, &data);
+            assert_eq!(client.option_reply().0, OptionReplyType::META_CONTEXT);
+            assert_eq!(client.option_reply().0, OptionReplyType::ACK);
+        }
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&1u16.to_be_bytes());
+        data.extend_from_slice(&InfoType::BLOCK_SIZE.0.to_be_bytes());
+        client.option(OptionCode::GO, &data);
+        loop {
+            let (kind, data) = client.option_reply();
+            match kind {
+                OptionReplyType::ACK => break,
+                OptionReplyType::INFO if data[..2] == [0, 0] => {
+                    client.size = u64::from_be_bytes(data[2..10].try_into().unwrap());
+                    client.flags = TransmissionFlags(u16::from_be_bytes([data[10], data[11]]));
+                }
+                OptionReplyType::INFO => {}
+                other => panic!("GO failed: {other:?} {}", String::from_utf8_lossy(&data)),
+            }
+        }
+        client
+    }
+
+    pub fn option(&mut self, code: OptionCode, data: &[u8]) {
+        let mut msg = IHAVEOPT.to_be_bytes().to_vec();
+        msg.extend_from_slice(&code.0.to_be_bytes());
+        msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        msg.extend_from_slice(data);
+        self.stream.write_all(&msg).unwrap();
+    }
+
+    pub fn option_reply(&mut self) -> (OptionReplyType, Vec<u8>) {
+        let mut header = [0; 20];
+        self.stream.read_exact(&mut header).unwrap();
+        assert_eq!(&header[..8], &OPTION_REPLY_MAGIC.to_be_bytes());
+        let kind = OptionReplyType(u32::from_be_bytes(header[12..16].try_into().unwrap()));
+        let len = u32::from_be_bytes(header[16..20].try_into().unwrap());
+        let mut data = vec![0; len as usize];
+        self.stream.read_exact(&mut data).unwrap();
+        (kind, data)
+    }
+
+    pub fn send(
+        &mut self,
+        command: Cmd,
+        flags: CommandFlags,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
+        let header = RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        self.stream.write_all(&header.encode()).unwrap();
+        self.stream.write_all(payload).unwrap();
+    }
+
+    /// The next reply. A simple reply's data length is not on the wire;
+    /// `read_len` says how much a successful simple read reply carries.
+    pub fn reply(&mut self, read_len: impl Fn(u64) -> usize) -> RawReply {
+        let mut magic = [0; 4];
+        self.stream.read_exact(&mut magic).unwrap();
+        let magic = u32::from_be_bytes(magic);
+        if magic == SIMPLE_REPLY_MAGIC {
+            let mut rest = [0; 12];
+            self.stream.read_exact(&mut rest).unwrap();
+            let error = u32::from_be_bytes(rest[..4].try_into().unwrap());
+            let cookie = u64::from_be_bytes(rest[4..].try_into().unwrap());
+            let mut data = vec![0; if error == 0 { read_len(cookie) } else { 0 }];
+            self.stream.read_exact(&mut data).unwrap();
+            RawReply::Simple {
+                cookie,
+                error,
+                data,
+            }
+        } else {
+            assert_eq!(magic, STRUCTURED_REPLY_MAGIC, "bad reply magic");
+            let mut rest = [0; 16];
+            self.stream.read_exact(&mut rest).unwrap();
+            let len = u32::from_be_bytes(rest[12..].try_into().unwrap());
+            let mut payload = vec![0; len as usize];
+            self.stream.read_exact(&mut payload).unwrap();
+            RawReply::Chunk {
+                cookie: u64::from_be_bytes(rest[4..12].try_into().unwrap()),
+                flags: u16::from_be_bytes([rest[0], rest[1]]),
+                kind: ReplyType(u16::from_be_bytes([rest[2], rest[3]])),
+                payload,
+            }
+        }
+    }
+
+    /// Whether the server has closed the connection (reads end of file).
+    pub fn closed(&mut self) -> bool {
+        let mut byte = [0; 1];
+        matches!(self.stream.read(&mut byte), Ok(0))
+    }
+}
