@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod kms;
+pub mod serve;
 pub mod volume;
 
 use crate::kms::LocalKms;
@@ -52,6 +53,8 @@ pub enum Command {
     Kms(kms::KmsArgs),
     /// Create, inspect, import into and export from encrypted volumes.
     Volume(volume::VolumeArgs),
+    /// Serve encrypted volumes over NBD (TCP and Unix sockets).
+    Serve(serve::ServeArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -60,6 +63,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Kms(args) => kms::run(args, &cli.global),
         Command::Volume(args) => volume::run(args, &cli.global),
+        Command::Serve(args) => serve::run(args, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,6 +29,7 @@ pub mod handshake;
 pub mod proto;
 pub mod request;
 pub mod server;
+mod volume;
 
 #[cfg(test)]
 mod testing;
