@@ -234,3 +234,31 @@ fn fio_verified_random_writes_on_two_connections() {
         assert!(json["jobs"][0]["write"]["io_bytes"].as_u64().unwrap() >= 64 << 20);
     }
 }
+
+/// TRIM reaches the backing store only with --allow-discards, and then
+/// punches real holes that base:allocation reports.
+#[test]
+fn allow_discards_punches_holes_that_block_status_reports() {
+    let env = Env::new();
+    env.key("alias/k");
+    let vol = env.volume("d.vol", "64M", "alias/k", "vol-d15c");
+    let v = vol.to_str().unwrap();
+    let server = Server::start(&env, "d.sock", &["--allow-discards", v]);
+    let uri = server.uri("");
+    let info: serde_json::Value = serde_json::from_str(&tool_ok("nbdinfo", &["--json", &uri])).unwrap();
+    assert_eq!(info["exports"][0]["can_trim"], true);
+    let allocated = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&vol).unwrap().blocks() * 512
+    };
+    tool_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 32M", &uri]);
+    let full = allocated();
+    assert!(full >= 32 << 20, "{full}");
+    tool_ok("qemu-io", &["-f", "raw", "-c", "discard 0 16M", "-c", "read -P 0x5a 16M 16M", &uri]);
+    assert!(allocated() <= full - (16 << 20), "the discarded range is a hole in the volume file");
+    let map: serde_json::Value = serde_json::from_str(&tool_ok("nbdinfo", &["--map", "--json", &uri])).unwrap();
+    let first = &map.as_array().unwrap()[0];
+    assert_eq!(first["offset"], 0);
+    assert!(first["length"].as_u64().unwrap() >= 16 << 20, "{first}");
+    assert_eq!(first["type"], 3, "hole and zero: {first}");
+}

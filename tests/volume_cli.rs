@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use common::{DB, Env, random_bytes, tool, tool_ok};
+use common::{DB, Env, attach_args, create_args, random_bytes, tool, tool_ok};
 
 const VOL: &str = "vol-ad8c6542";
 
@@ -45,15 +45,11 @@ fn create_makes_a_sparse_volume_that_reads_as_zeros() {
     );
 
     let out = env.path("zeros.raw");
-    env.ok(&[
-        "volume",
+    env.ok(&attach_args(
         "export",
         vol.to_str().unwrap(),
-        "--to",
         out.to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]);
+    ));
     let data = std::fs::read(&out).unwrap();
     assert_eq!(data.len(), 64 << 20);
     assert!(data.iter().all(|&b| b == 0));
@@ -65,46 +61,26 @@ fn import_export_round_trip_and_independent_decryption() {
     env.key("alias/k");
     for sector_size in ["512", "4096"] {
         let vol = env.path(&format!("v{sector_size}.vol"));
-        env.ok(&[
-            "volume",
-            "create",
-            vol.to_str().unwrap(),
-            "--size",
-            "8M",
-            "--kms-key",
-            "alias/k",
-            "--db-id",
-            DB,
-            "--vol-id",
-            VOL,
-            "--sector-size",
-            sector_size,
-        ]);
+        let mut args = create_args(vol.to_str().unwrap(), "8M", "alias/k", VOL);
+        args.extend(["--sector-size", sector_size]);
+        env.ok(&args);
         // 5 MiB + 1000 bytes: the last sector is partial, the rest stays zero.
         let raw = env.path(&format!("in{sector_size}.raw"));
         let mut plain = random_bytes((5 << 20) + 1000);
         plain[4096..8192].fill(0);
         std::fs::write(&raw, &plain).unwrap();
-        env.ok(&[
-            "volume",
+        env.ok(&attach_args(
             "import",
             vol.to_str().unwrap(),
-            "--from",
             raw.to_str().unwrap(),
-            "--db-id",
-            DB,
-        ]);
+        ));
 
         let out = env.path(&format!("out{sector_size}.raw"));
-        env.ok(&[
-            "volume",
+        env.ok(&attach_args(
             "export",
             vol.to_str().unwrap(),
-            "--to",
             out.to_str().unwrap(),
-            "--db-id",
-            DB,
-        ]);
+        ));
         let back = std::fs::read(&out).unwrap();
         assert_eq!(back.len(), 8 << 20);
         assert!(
@@ -114,15 +90,11 @@ fn import_export_round_trip_and_independent_decryption() {
         assert!(back[plain.len()..].iter().all(|&b| b == 0));
 
         let key = env.path(&format!("vk{sector_size}.bin"));
-        env.ok(&[
-            "volume",
+        env.ok(&attach_args(
             "export-key",
             vol.to_str().unwrap(),
-            "--out",
             key.to_str().unwrap(),
-            "--db-id",
-            DB,
-        ]);
+        ));
         let meta = std::fs::metadata(&key).unwrap();
         assert_eq!(meta.len(), 64);
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
@@ -169,15 +141,11 @@ sys.stdout.buffer.write(out)
             "independent AES-XTS disagrees ({sector_size})"
         );
 
-        let again = env.fails(&[
-            "volume",
+        let again = env.fails(&attach_args(
             "export-key",
             vol.to_str().unwrap(),
-            "--out",
             key.to_str().unwrap(),
-            "--db-id",
-            DB,
-        ]);
+        ));
         assert!(again.contains("refusing to overwrite"), "{again}");
     }
 }
@@ -195,15 +163,7 @@ fn cryptsetup_reads_the_header_and_accepts_the_exported_key() {
     assert!(dump.contains(VOL), "label: {dump}");
 
     let key = env.path("vk.bin");
-    env.ok(&[
-        "volume",
-        "export-key",
-        v,
-        "--out",
-        key.to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]);
+    env.ok(&attach_args("export-key", v, key.to_str().unwrap()));
     let pass = env.path("pass.txt");
     std::fs::write(&pass, "recovery passphrase").unwrap();
     let add = |key: &std::path::Path| {
@@ -239,15 +199,7 @@ fn cryptsetup_reads_the_header_and_accepts_the_exported_key() {
     );
     // The volume still opens through the KMS with cryptsetup's keyslot in it.
     let out = env.path("after.raw");
-    env.ok(&[
-        "volume",
-        "export",
-        v,
-        "--to",
-        out.to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]);
+    env.ok(&attach_args("export", v, out.to_str().unwrap()));
 }
 
 #[test]
@@ -276,15 +228,11 @@ fn a_header_made_by_cryptsetup_is_refused_not_misread() {
     assert!(err.contains("nbdcrypt-kms"), "{err}");
     env.key("alias/k");
     let out = env.path("o.raw");
-    let err = env.fails(&[
-        "volume",
+    let err = env.fails(&attach_args(
         "export",
         img.to_str().unwrap(),
-        "--to",
         out.to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]);
+    ));
     assert!(err.contains("nbdcrypt-kms"), "{err}");
     assert!(!out.exists());
 }
@@ -353,15 +301,7 @@ fn tampered_headers_are_refused() {
             c.to_str().unwrap(),
         ],
     );
-    let err = env.fails(&[
-        "volume",
-        "export-key",
-        c.to_str().unwrap(),
-        "--out",
-        key,
-        "--db-id",
-        DB,
-    ]);
+    let err = env.fails(&attach_args("export-key", c.to_str().unwrap(), key));
     assert!(err.contains("InvalidCiphertextException"), "{err}");
     assert_failed_decrypt(&env, "InvalidCiphertextException");
 
@@ -384,7 +324,7 @@ fn tampered_headers_are_refused() {
         "cryptsetup",
         &["token", "import", "--json-file", token.to_str().unwrap(), a],
     );
-    let err = env.fails(&["volume", "export-key", a, "--out", key, "--db-id", DB]);
+    let err = env.fails(&attach_args("export-key", a, key));
     assert!(err.contains("InvalidCiphertextException"), "{err}");
     assert_failed_decrypt(&env, "InvalidCiphertextException");
 
@@ -399,7 +339,7 @@ fn tampered_headers_are_refused() {
         "cryptsetup",
         &["token", "import", "--json-file", token.to_str().unwrap(), b],
     );
-    let err = env.fails(&["volume", "export-key", b, "--out", key, "--db-id", DB]);
+    let err = env.fails(&attach_args("export-key", b, key));
     assert!(err.contains("token") && err.contains("edited"), "{err}");
     assert!(!std::path::Path::new(key).exists());
 }
@@ -410,84 +350,29 @@ fn unknown_key_not_a_volume_truncated_and_bad_sizes() {
     env.key("alias/k");
     let p = env.path("x.vol");
     let x = p.to_str().unwrap();
-    let err = env.fails(&[
-        "volume",
-        "create",
-        x,
-        "--size",
-        "8M",
-        "--kms-key",
-        "alias/nope",
-        "--db-id",
-        DB,
-        "--vol-id",
-        VOL,
-    ]);
+    let err = env.fails(&create_args(x, "8M", "alias/nope", VOL));
     assert!(err.contains("NotFoundException"), "{err}");
     assert!(!p.exists(), "a failed create leaves nothing behind");
     assert_eq!(env.last_audit()["errorCode"], "NotFoundException");
 
-    let err = env.fails(&[
-        "volume",
-        "create",
-        x,
-        "--size",
-        "8000000",
-        "--kms-key",
-        "alias/k",
-        "--db-id",
-        DB,
-        "--vol-id",
-        VOL,
-    ]);
+    let err = env.fails(&create_args(x, "8000000", "alias/k", VOL));
     assert!(err.contains("multiple of the sector size"), "{err}");
-    let err = env.fails(&[
-        "volume",
-        "create",
-        x,
-        "--size",
-        "8M",
-        "--kms-key",
-        "alias/k",
-        "--db-id",
-        "orders",
-        "--vol-id",
-        VOL,
-    ]);
+    let mut args = create_args(x, "8M", "alias/k", VOL);
+    args[8] = "orders";
+    let err = env.fails(&args);
     assert!(err.contains("--db-id"), "{err}");
 
     let junk = env.path("junk.bin");
     std::fs::write(&junk, random_bytes(1 << 20)).unwrap();
     let err = env.fails(&["volume", "inspect", junk.to_str().unwrap()]);
     assert!(err.contains("not a LUKS"), "{err}");
-    let err = env.fails(&[
-        "volume",
-        "create",
-        junk.to_str().unwrap(),
-        "--size",
-        "8M",
-        "--kms-key",
-        "alias/k",
-        "--db-id",
-        DB,
-        "--vol-id",
-        VOL,
-    ]);
+    let err = env.fails(&create_args(junk.to_str().unwrap(), "8M", "alias/k", VOL));
     assert!(err.contains("--force"), "{err}");
     env.ok(&[
-        "volume",
-        "create",
-        junk.to_str().unwrap(),
-        "--size",
-        "8M",
-        "--kms-key",
-        "alias/k",
-        "--db-id",
-        DB,
-        "--vol-id",
-        VOL,
-        "--force",
-    ]);
+        create_args(junk.to_str().unwrap(), "8M", "alias/k", VOL),
+        vec!["--force"],
+    ]
+    .concat());
 
     let t = env.volume("t.vol", "8M", "alias/k", VOL);
     let f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
@@ -510,19 +395,7 @@ fn asymmetric_disabled_and_deleted_keys_refuse_with_what_to_do() {
         "ENCRYPT_DECRYPT",
     ]);
     let p = env.path("r.vol");
-    let err = env.fails(&[
-        "volume",
-        "create",
-        p.to_str().unwrap(),
-        "--size",
-        "8M",
-        "--kms-key",
-        "alias/rsa",
-        "--db-id",
-        DB,
-        "--vol-id",
-        VOL,
-    ]);
+    let err = env.fails(&create_args(p.to_str().unwrap(), "8M", "alias/rsa", VOL));
     assert!(
         err.contains("InvalidKeyUsageException")
             && err.contains("symmetric")
@@ -539,17 +412,7 @@ fn asymmetric_disabled_and_deleted_keys_refuse_with_what_to_do() {
         serde_json::from_str(&env.ok(&["volume", "inspect", v, "--json"])).unwrap();
     let arn = info["kms_key_id"].as_str().unwrap().to_owned();
     let key = env.path("k.bin");
-    let export_key = || {
-        env.run(&[
-            "volume",
-            "export-key",
-            v,
-            "--out",
-            key.to_str().unwrap(),
-            "--db-id",
-            DB,
-        ])
-    };
+    let export_key = || env.run(&attach_args("export-key", v, key.to_str().unwrap()));
 
     env.ok(&["kms", "disable-key", &arn]);
     let out = export_key();
@@ -596,26 +459,10 @@ fn rekey_rewraps_under_new_material_or_another_cmk_and_keeps_the_data() {
     let v = vol.to_str().unwrap();
     let raw = env.path("in.raw");
     std::fs::write(&raw, random_bytes(1 << 20)).unwrap();
-    env.ok(&[
-        "volume",
-        "import",
-        v,
-        "--from",
-        raw.to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]);
+    env.ok(&attach_args("import", v, raw.to_str().unwrap()));
     let key_of = |name: &str| {
         let out = env.path(name);
-        env.ok(&[
-            "volume",
-            "export-key",
-            v,
-            "--out",
-            out.to_str().unwrap(),
-            "--db-id",
-            DB,
-        ]);
+        env.ok(&attach_args("export-key", v, out.to_str().unwrap()));
         std::fs::read(out).unwrap()
     };
     let info = |v: &str| -> serde_json::Value {
@@ -661,15 +508,7 @@ fn rekey_rewraps_under_new_material_or_another_cmk_and_keeps_the_data() {
     assert_ne!(moved["kms_key_id"], before["kms_key_id"]);
     assert!(key_of("k1") == vk, "the volume key itself never changes");
     let out = env.path("out.raw");
-    env.ok(&[
-        "volume",
-        "export",
-        v,
-        "--to",
-        out.to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]);
+    env.ok(&attach_args("export", v, out.to_str().unwrap()));
     assert!(std::fs::read(&out).unwrap()[..1 << 20] == std::fs::read(&raw).unwrap()[..]);
     assert!(cryptsetup_dump_ok(v));
 }

@@ -79,19 +79,7 @@ impl Env {
     /// Creates a volume of `size` under `alias`, for DB and `vol_id`.
     pub fn volume(&self, name: &str, size: &str, alias: &str, vol_id: &str) -> PathBuf {
         let path = self.path(name);
-        self.ok(&[
-            "volume",
-            "create",
-            path.to_str().unwrap(),
-            "--size",
-            size,
-            "--kms-key",
-            alias,
-            "--db-id",
-            DB,
-            "--vol-id",
-            vol_id,
-        ]);
+        self.ok(&create_args(path.to_str().unwrap(), size, alias, vol_id));
         path
     }
 
@@ -107,6 +95,42 @@ impl Env {
     pub fn last_audit(&self) -> serde_json::Value {
         self.audit().pop().expect("at least one audit record")
     }
+}
+
+/// The arguments of `nbdcrypt volume create PATH --size SIZE --kms-key KEY
+/// --db-id DB --vol-id VOL_ID`; more may be appended.
+pub fn create_args<'a>(
+    path: &'a str,
+    size: &'a str,
+    key: &'a str,
+    vol_id: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "volume",
+        "create",
+        path,
+        "--size",
+        size,
+        "--kms-key",
+        key,
+        "--db-id",
+        DB,
+        "--vol-id",
+        vol_id,
+    ]
+}
+
+/// The arguments of `nbdcrypt volume VERB VOL FLAG PATH --db-id DB` for the
+/// verbs that attach a volume: import (--from), export (--to) and
+/// export-key (--out).
+pub fn attach_args<'a>(verb: &'a str, vol: &'a str, path: &'a str) -> [&'a str; 7] {
+    let flag = match verb {
+        "import" => "--from",
+        "export" => "--to",
+        "export-key" => "--out",
+        _ => panic!("{verb} does not attach a volume"),
+    };
+    ["volume", verb, vol, flag, path, "--db-id", DB]
 }
 
 /// Random bytes from the OS.
