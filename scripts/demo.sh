@@ -10,8 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --quiet
-BIN=$PWD/target/release/nbdcrypt
+# NBDCRYPT_PROFILE=dev reuses the test build (scripts/test.sh does).
+PROFILE=${NBDCRYPT_PROFILE:-release}
+cargo build --profile "$PROFILE" --quiet
+BIN=$PWD/target/$([[ $PROFILE == dev ]] && echo debug || echo "$PROFILE")/nbdcrypt
 STATE=${NBDCRYPT_DEMO_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/nbdcrypt-demo}
 export NBDCRYPT_KMS_DIR=${NBDCRYPT_KMS_DIR:-$STATE/kms}
 TCP=${NBDCRYPT_DEMO_TCP-127.0.0.1:10809}

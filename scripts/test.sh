@@ -35,11 +35,12 @@ cargo test --all-targets
 RUSTFLAGS='--cfg aes_backend="soft"' NBDCRYPT_EXPECT_AES=soft CARGO_TARGET_DIR=target/aes-soft \
   cargo test --lib crypto::
 
-# The README's first command, end to end: it builds, creates the demo key and
-# volume, serves them; one client handshake; SIGTERM must stop it cleanly.
+# The README's first command, end to end (on the test build): it creates the
+# demo key and volume and serves them; one client handshake; SIGTERM must stop
+# it cleanly.
 demo=$(mktemp -d)
 trap 'rm -rf "$demo"' EXIT
-NBDCRYPT_DEMO_DIR=$demo NBDCRYPT_DEMO_TCP= scripts/demo.sh > "$demo/log" 2>&1 &
+NBDCRYPT_DEMO_DIR=$demo NBDCRYPT_DEMO_TCP= NBDCRYPT_PROFILE=dev scripts/demo.sh > "$demo/log" 2>&1 &
 pid=$!
 uri="nbd+unix:///vol-0demo0001?socket=$demo/nbd.sock"
 for ((i = 0; i < 1200; i++)); do
