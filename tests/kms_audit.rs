@@ -2,9 +2,9 @@
 //! filters of `kms audit`, and `kms audit verify` after each kind of
 //! tampering.
 
-mod kms_support;
+mod common;
 
-use kms_support::{Kms, VOL_CTX};
+use common::kms::{Kms, VOL_CTX};
 
 /// A KMS with a few records of different keys, events and contexts.
 fn busy_kms() -> (Kms, String, String) {

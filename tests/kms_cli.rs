@@ -1,9 +1,10 @@
 //! Every KMS operation and error of issue 5 through the command line:
 //! exit code, message and audit record.
 
-mod kms_support;
+mod common;
 
-use kms_support::{Kms, VOL_CTX, s};
+use common::kms::{Kms, VOL_CTX};
+use common::s;
 use serde_json::Value;
 
 /// Makes a data key under `key` with `ctx`; (plaintext, blob) file names.
@@ -519,7 +520,7 @@ fn re_encrypt_to_a_new_context_then_the_old_one_fails() {
 /// installs it.
 fn python(kms: &Kms, script: &str, args: &[&str]) -> String {
     let out = std::process::Command::new("/usr/bin/python3")
-        .current_dir(kms.tmp.path())
+        .current_dir(kms.env.dir.path())
         .arg("-c")
         .arg(script)
         .args(args)

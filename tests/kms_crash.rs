@@ -2,12 +2,13 @@
 //! that opens, lists every key it kept, and decrypts everything those keys
 //! made; the audit chain must still verify.
 
-mod kms_support;
+mod common;
 
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kms_support::{Kms, s};
+use common::kms::Kms;
+use common::s;
 
 /// xorshift64: kill moments vary between runs without a dependency.
 struct Moments(u64);

@@ -2,13 +2,12 @@
 //! qemu-img and qemu-io, fio's nbd engine. Each test serves file-backed
 //! exports from a temporary directory.
 
-#[path = "common/nbd.rs"]
 mod common;
 
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{FileBackend, TestServer, export, random_bytes, run, run_ok};
+use common::nbd::{FileBackend, TestServer, export, random_bytes, run, run_ok};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;

@@ -3,14 +3,13 @@
 //! floods requests without reading replies holds at most the in-flight
 //! bound. Its own binary, so that no other test allocates meanwhile.
 
-#[path = "common/nbd.rs"]
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{FileBackend, RawClient, RawReply, TestServer, export, random_bytes};
+use common::nbd::{FileBackend, RawClient, RawReply, TestServer, export, random_bytes};
 use nbdcrypt::nbd::Limits;
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
 

@@ -3,7 +3,6 @@
 //! disconnects with requests in flight, oversized requests, vanishing
 //! clients, too many clients, shutdown mid-request).
 
-#[path = "common/nbd.rs"]
 mod common;
 
 use std::io::Read;
@@ -11,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{FileBackend, Gated, RawClient, RawReply, TestServer, export, random_bytes};
+use common::nbd::{FileBackend, Gated, RawClient, RawReply, TestServer, export, random_bytes};
 use nbdcrypt::nbd::Limits;
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags, ReplyType};
 

@@ -245,7 +245,8 @@ fn allow_discards_punches_holes_that_block_status_reports() {
     let v = vol.to_str().unwrap();
     let server = Server::start(&env, "d.sock", &["--allow-discards", v]);
     let uri = server.uri("");
-    let info: serde_json::Value = serde_json::from_str(&tool_ok("nbdinfo", &["--json", &uri])).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&tool_ok("nbdinfo", &["--json", &uri])).unwrap();
     assert_eq!(info["exports"][0]["can_trim"], true);
     let allocated = || {
         use std::os::unix::fs::MetadataExt;
@@ -254,9 +255,24 @@ fn allow_discards_punches_holes_that_block_status_reports() {
     tool_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 32M", &uri]);
     let full = allocated();
     assert!(full >= 32 << 20, "{full}");
-    tool_ok("qemu-io", &["-f", "raw", "-c", "discard 0 16M", "-c", "read -P 0x5a 16M 16M", &uri]);
-    assert!(allocated() <= full - (16 << 20), "the discarded range is a hole in the volume file");
-    let map: serde_json::Value = serde_json::from_str(&tool_ok("nbdinfo", &["--map", "--json", &uri])).unwrap();
+    tool_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "discard 0 16M",
+            "-c",
+            "read -P 0x5a 16M 16M",
+            &uri,
+        ],
+    );
+    assert!(
+        allocated() <= full - (16 << 20),
+        "the discarded range is a hole in the volume file"
+    );
+    let map: serde_json::Value =
+        serde_json::from_str(&tool_ok("nbdinfo", &["--map", "--json", &uri])).unwrap();
     let first = &map.as_array().unwrap()[0];
     assert_eq!(first["offset"], 0);
     assert!(first["length"].as_u64().unwrap() >= 16 << 20, "{first}");

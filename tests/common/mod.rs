@@ -3,6 +3,9 @@
 //! on Unix sockets and stopped by the pid we started.
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod kms;
+pub mod nbd;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -83,7 +86,7 @@ impl Env {
         path
     }
 
-    /// The audit records, oldest first.
+    /// The audit records, oldest first, as `kms audit --json` prints them.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         self.ok(&["kms", "audit", "--json"])
             .lines()
@@ -91,10 +94,25 @@ impl Env {
             .collect()
     }
 
-    /// The newest audit record.
+    /// The newest audit record, read from the log itself.
     pub fn last_audit(&self) -> serde_json::Value {
-        self.audit().pop().expect("at least one audit record")
+        let text = std::fs::read_to_string(self.kms_dir().join("audit.log")).expect("audit log");
+        serde_json::from_str(text.lines().last().expect("an audit record")).expect("JSON record")
     }
+
+    pub fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.path(name)).unwrap()
+    }
+
+    pub fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
 
 /// The arguments of `nbdcrypt volume create PATH --size SIZE --kms-key KEY

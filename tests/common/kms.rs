@@ -1,44 +1,41 @@
-//! Shared helpers of the KMS command-line tests: each test gets its own KMS
-//! directory and drives the built `nbdcrypt` binary.
+//! The KMS command-line tests' view of an [`Env`]: every call is a
+//! `nbdcrypt kms` verb, and a failure must name its AWS error code.
 
-#![allow(dead_code)] // each test file uses a different subset
-
-use std::path::{Path, PathBuf};
+use std::ops::Deref;
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
+use super::Env;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_nbdcrypt");
 
 pub struct Kms {
-    pub tmp: tempfile::TempDir,
+    pub env: Env,
+}
+
+impl Deref for Kms {
+    type Target = Env;
+
+    fn deref(&self) -> &Env {
+        &self.env
+    }
 }
 
 impl Kms {
     pub fn new() -> Self {
-        Self {
-            tmp: tempfile::tempdir().unwrap(),
-        }
+        Self { env: Env::new() }
     }
 
     pub fn dir(&self) -> PathBuf {
-        self.tmp.path().join("kms")
+        self.env.kms_dir()
     }
 
-    /// A path in the test's own folder.
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
+    /// `nbdcrypt kms ARGS…`, run in the test's folder.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("kms")
-            .args(args)
-            .env("NBDCRYPT_KMS_DIR", self.dir())
-            .env_remove("NBDCRYPT_KMS_ROOT_KEY")
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .current_dir(self.tmp.path());
+        let mut cmd = self.env.cmd();
+        cmd.arg("kms").args(args).current_dir(self.env.dir.path());
         cmd
     }
 
@@ -80,18 +77,6 @@ impl Kms {
         line.to_owned()
     }
 
-    pub fn audit(&self) -> Vec<Value> {
-        self.ok(&["--json", "audit"])
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    pub fn last_audit(&self) -> Value {
-        let text = std::fs::read_to_string(self.dir().join("audit.log")).unwrap();
-        serde_json::from_str(text.lines().last().unwrap()).unwrap()
-    }
-
     /// Creates a key; its id.
     pub fn create_key(&self, extra: &[&str]) -> String {
         let mut args = vec!["create-key"];
@@ -99,20 +84,6 @@ impl Kms {
         let v = self.json(&args);
         v["KeyMetadata"]["KeyId"].as_str().unwrap().to_owned()
     }
-
-    pub fn read(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.path(name)).unwrap()
-    }
-
-    pub fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let p = self.path(name);
-        std::fs::write(&p, bytes).unwrap();
-        p
-    }
-}
-
-pub fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// The encryption context arguments of a volume's data key.
