@@ -28,8 +28,8 @@ pub struct ServeArgs {
     /// free, as with dm-crypt's --allow-discards.
     #[arg(long)]
     allow_discards: bool,
-    /// Most client connections served at once; more wait to be accepted.
-    #[arg(long, default_value_t = 128)]
+    /// Most client connections served at once; more are closed at once.
+    #[arg(long, default_value_t = 64)]
     max_connections: usize,
     /// Most bytes of requests in flight per connection (K/M/G suffixes).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
