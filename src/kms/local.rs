@@ -1356,11 +1356,7 @@ mod tests {
     fn a_key_is_deleted_at_the_first_start_after_its_window() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kms");
-        let now = Arc::new(AtomicI64::new(T0));
-        let clock: Clock = {
-            let now = now.clone();
-            Arc::new(move || Timestamp::from_unix(now.load(Ordering::SeqCst)))
-        };
+        let (now, clock) = settable_clock();
         let kms = LocalKms::open_with_clock(&path, None, clock.clone()).unwrap();
         let key = symmetric(&kms);
         kms.create_alias("alias/doomed", &key).unwrap();
@@ -1386,15 +1382,21 @@ mod tests {
 
     const SECONDS: i64 = super::super::time::SECONDS_PER_DAY;
 
+    /// A clock that starts at T0 and moves when the test stores a new time.
+    fn settable_clock() -> (Arc<AtomicI64>, Clock) {
+        let now = Arc::new(AtomicI64::new(T0));
+        let reader = now.clone();
+        (
+            now,
+            Arc::new(move || Timestamp::from_unix(reader.load(Ordering::SeqCst))),
+        )
+    }
+
     #[test]
     fn rotation_keeps_old_blobs_and_new_ones_use_the_newest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kms");
-        let now = Arc::new(AtomicI64::new(T0));
-        let clock: Clock = {
-            let now = now.clone();
-            Arc::new(move || Timestamp::from_unix(now.load(Ordering::SeqCst)))
-        };
+        let (now, clock) = settable_clock();
         let kms = LocalKms::open_with_clock(&path, None, clock.clone()).unwrap();
         let key = symmetric(&kms);
         let old = kms.generate_data_key(&key, &ctx(), 32).unwrap();
