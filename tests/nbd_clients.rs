@@ -7,7 +7,8 @@ mod common;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::nbd::{FileBackend, TestServer, export, random_bytes, run, run_ok};
+use common::nbd::{FileBackend, TestServer, export, run, run_ok};
+use common::{random_bytes, sha256_file};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -124,25 +125,20 @@ fn nbdinfo_lists_every_export() {
     assert_eq!(exports[2]["is_read_only"], true);
 }
 
-fn sha256(path: &std::path::Path) -> Vec<u8> {
-    use sha2::Digest;
-    sha2::Sha256::digest(std::fs::read(path).unwrap()).to_vec()
-}
-
 #[test]
 fn nbdcopy_in_and_out_and_qemu_img_compare() {
     let server = server();
     let dir = server.dir.path();
     let source = dir.join("source.img");
-    std::fs::write(&source, random_bytes(64 * MIB as usize, 1)).unwrap();
+    std::fs::write(&source, random_bytes(64 * MIB as usize)).unwrap();
     let uri = server.uri("disk");
     run_ok(Command::new("nbdcopy").arg(&source).arg(&uri));
     let back = dir.join("back.img");
     run_ok(Command::new("nbdcopy").arg(&uri).arg(&back));
-    assert_eq!(sha256(&source), sha256(&back));
+    assert_eq!(sha256_file(&source), sha256_file(&back));
     assert_eq!(
-        sha256(&source),
-        sha256(&dir.join("disk.img")),
+        sha256_file(&source),
+        sha256_file(&dir.join("disk.img")),
         "the backing file holds what was copied"
     );
     run_ok(
@@ -285,7 +281,7 @@ fn trim_zeroes_and_block_status_through_qemu_io_and_nbdinfo_map() {
     // writing zeros: the copy is exact either way.
     let dir = server.dir.path();
     let mut sparse = vec![0u8; 8 * MIB as usize];
-    sparse[MIB as usize..2 * MIB as usize].copy_from_slice(&random_bytes(MIB as usize, 6));
+    sparse[MIB as usize..2 * MIB as usize].copy_from_slice(&random_bytes(MIB as usize));
     std::fs::write(dir.join("sparse.img"), &sparse).unwrap();
     for target in [&notrim, &uri] {
         qemu_io(target, &["write -P 0x33 0 8M"]);
@@ -370,7 +366,7 @@ fn read_only_export_refuses_writers() {
     let server = server();
     let dir = server.dir.path();
     let source = dir.join("small.img");
-    std::fs::write(&source, random_bytes(MIB as usize, 2)).unwrap();
+    std::fs::write(&source, random_bytes(MIB as usize)).unwrap();
     let copy = run(Command::new("nbdcopy").arg(&source).arg(server.uri("ro")));
     assert!(!copy.status.success());
     assert!(

@@ -10,7 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::nbd::{FileBackend, Gated, RawClient, RawReply, TestServer, export, random_bytes};
+use common::nbd::{FileBackend, Gated, RawClient, RawReply, TestServer, export};
+use common::random_bytes;
 use nbdcrypt::nbd::Limits;
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags, ReplyType};
 
@@ -145,7 +146,7 @@ fn requests_over_the_maximum_are_refused_and_the_stream_stays_in_step() {
     };
     let (server, _) = gated_server(vec![], limits);
     let mut client = RawClient::connect(&server.socket, "disk", false);
-    let big = random_bytes(MIB as usize + 1, 3);
+    let big = random_bytes(MIB as usize + 1);
     client.send(Command::WRITE, NONE, 1, 0, big.len() as u32, &big);
     assert_eq!(client.reply(|_| 0), simple(1, 22, vec![]));
     client.send(Command::READ, NONE, 2, 0, MIB as u32 + 1, &[]);
@@ -243,7 +244,7 @@ fn a_client_vanishing_mid_request_leaves_the_others_served() {
         1,
         0,
         u32::MAX,
-        &random_bytes(4 * MIB as usize, 4),
+        &random_bytes(4 * MIB as usize),
     );
     drop(huge);
     let mut fresh = RawClient::connect(&server.socket, "disk", false);

@@ -400,20 +400,6 @@ pub fn run_ok(command: &mut Command) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// A client that speaks the protocol byte by byte over a blocking socket.
 pub struct RawClient {
     pub stream: UnixStream,
