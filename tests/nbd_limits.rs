@@ -9,7 +9,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::nbd::{FileBackend, RawClient, RawReply, TestServer, export};
+use common::nbd::{Attach, RawClient, RawReply, TestKms, TestServer, export};
 use common::random_bytes;
 use nbdcrypt::nbd::Limits;
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
@@ -48,11 +48,11 @@ const MIB: usize = 1 << 20;
 
 fn start_server(limits: Limits) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FileBackend::create(
-        &dir.path().join("disk.img"),
+    let backend = Arc::new(TestKms::new(dir.path()).volume(
+        "disk",
         64 * MIB as u64,
         4096,
-        true,
+        Attach::AllowDiscards,
     ));
     TestServer::start_with(dir, vec![export("disk", backend, false)], limits)
 }

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::nbd::{FileBackend, Gated, RawClient, RawReply, TestServer, export};
+use common::nbd::{Attach, Gated, RawClient, RawReply, TestKms, TestServer, TestVolume, export};
 use common::random_bytes;
 use nbdcrypt::nbd::Limits;
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags, ReplyType};
@@ -18,18 +18,18 @@ use nbdcrypt::nbd::proto::wire::{Command, CommandFlags, ReplyType};
 const NONE: CommandFlags = CommandFlags::EMPTY;
 const MIB: u64 = 1 << 20;
 
-fn gated_server(gated: Vec<u64>, limits: Limits) -> (TestServer, Arc<Gated<FileBackend>>) {
+/// A writable 512-byte-sector volume that punches holes ("disk"), its
+/// reads and writes at `gated` offsets held until the test opens the gate,
+/// and a read-only export ("ro") of a volume attached read-write, so that
+/// a refused write can only have been refused by the server.
+fn gated_server(gated: Vec<u64>, limits: Limits) -> (TestServer, Arc<Gated<TestVolume>>) {
     let dir = tempfile::tempdir().unwrap();
+    let kms = TestKms::new(dir.path());
     let backend = Arc::new(Gated::new(
-        FileBackend::create(&dir.path().join("disk.img"), 16 * MIB, 512, true),
+        kms.volume("disk", 16 * MIB, 512, Attach::AllowDiscards),
         gated,
     ));
-    let ro = Arc::new(FileBackend::create(
-        &dir.path().join("ro.img"),
-        MIB,
-        512,
-        false,
-    ));
+    let ro = Arc::new(kms.volume("ro", MIB, 512, Attach::ReadWrite));
     let exports = vec![
         export("disk", backend.clone(), false),
         export("ro", ro, true),
