@@ -1,55 +1,42 @@
 //! The NBD server against real clients: libnbd's nbdinfo and nbdcopy,
-//! qemu-img and qemu-io, fio's nbd engine. Each test serves file-backed
-//! exports from a temporary directory.
+//! qemu-img and qemu-io, fio's nbd engine. Each test serves real encrypted
+//! volumes, made under a local KMS in a temporary directory.
 
 mod common;
 
 use std::process::Command;
 use std::sync::Arc;
 
-use common::nbd::{FileBackend, TestServer, export, random_bytes, run, run_ok};
+use common::nbd::{Attach, TestKms, TestServer, TestVolume, export, run, run_ok};
+use common::{random_bytes, sha256_file};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
+/// The volumes behind the exports, to check what clients wrote.
+struct Volumes {
+    disk: Arc<TestVolume>,
+    notrim: Arc<TestVolume>,
+    ro: Arc<TestVolume>,
+}
+
 /// A server with a writable 4096-byte-sector export that punches holes
 /// ("disk", the default), a writable 512-byte-sector export that does not
 /// ("notrim"), and a read-only one ("ro").
-fn server() -> TestServer {
+fn server() -> (TestServer, Volumes) {
     let dir = tempfile::tempdir().unwrap();
+    let kms = TestKms::new(dir.path());
+    let volumes = Volumes {
+        disk: Arc::new(kms.volume("disk", 64 * MIB, 4096, Attach::AllowDiscards)),
+        notrim: Arc::new(kms.volume("notrim", 8 * MIB, 512, Attach::ReadWrite)),
+        ro: Arc::new(kms.volume("ro", 4 * MIB, 512, Attach::ReadOnly)),
+    };
     let exports = vec![
-        export(
-            "disk",
-            Arc::new(FileBackend::create(
-                &dir.path().join("disk.img"),
-                64 * MIB,
-                4096,
-                true,
-            )),
-            false,
-        ),
-        export(
-            "notrim",
-            Arc::new(FileBackend::create(
-                &dir.path().join("notrim.img"),
-                8 * MIB,
-                512,
-                false,
-            )),
-            false,
-        ),
-        export(
-            "ro",
-            Arc::new(FileBackend::create(
-                &dir.path().join("ro.img"),
-                4 * MIB,
-                512,
-                false,
-            )),
-            true,
-        ),
+        export("disk", volumes.disk.clone(), false),
+        export("notrim", volumes.notrim.clone(), false),
+        export("ro", volumes.ro.clone(), true),
     ];
-    TestServer::start(dir, exports)
+    (TestServer::start(dir, exports), volumes)
 }
 
 fn nbdinfo_json(uri: &str) -> Value {
@@ -64,7 +51,7 @@ fn nbdinfo_json(uri: &str) -> Value {
 
 #[test]
 fn nbdinfo_reports_flags_sizes_block_sizes_and_contexts() {
-    let server = server();
+    let (server, _) = server();
     let disk = nbdinfo_json(&server.uri(""));
     assert_eq!(
         disk["export-name"], "disk",
@@ -111,7 +98,7 @@ fn nbdinfo_reports_flags_sizes_block_sizes_and_contexts() {
 
 #[test]
 fn nbdinfo_lists_every_export() {
-    let server = server();
+    let (server, _) = server();
     let out = run_ok(Command::new("nbdinfo").args(["--list", "--json", &server.uri("")]));
     let list: Value = serde_json::from_str(&out).unwrap();
     let exports = list["exports"].as_array().unwrap();
@@ -124,26 +111,29 @@ fn nbdinfo_lists_every_export() {
     assert_eq!(exports[2]["is_read_only"], true);
 }
 
-fn sha256(path: &std::path::Path) -> Vec<u8> {
-    use sha2::Digest;
-    sha2::Sha256::digest(std::fs::read(path).unwrap()).to_vec()
-}
-
 #[test]
 fn nbdcopy_in_and_out_and_qemu_img_compare() {
-    let server = server();
+    let (server, volumes) = server();
     let dir = server.dir.path();
     let source = dir.join("source.img");
-    std::fs::write(&source, random_bytes(64 * MIB as usize, 1)).unwrap();
+    let data = random_bytes(64 * MIB as usize);
+    std::fs::write(&source, &data).unwrap();
     let uri = server.uri("disk");
     run_ok(Command::new("nbdcopy").arg(&source).arg(&uri));
     let back = dir.join("back.img");
     run_ok(Command::new("nbdcopy").arg(&uri).arg(&back));
-    assert_eq!(sha256(&source), sha256(&back));
-    assert_eq!(
-        sha256(&source),
-        sha256(&dir.join("disk.img")),
-        "the backing file holds what was copied"
+    assert_eq!(sha256_file(&source), sha256_file(&back));
+    assert!(
+        volumes.disk.plaintext() == data,
+        "the volume holds what was copied"
+    );
+    let stored = volumes.disk.stored();
+    assert!(
+        stored
+            .chunks(4096)
+            .zip(data.chunks(4096))
+            .all(|(c, p)| c != p),
+        "no sector is stored in the clear"
     );
     run_ok(
         Command::new("qemu-img")
@@ -153,7 +143,7 @@ fn nbdcopy_in_and_out_and_qemu_img_compare() {
     );
 
     // A changed byte is noticed.
-    let mut changed = std::fs::read(&source).unwrap();
+    let mut changed = data;
     changed[12_345_678] ^= 1;
     std::fs::write(&source, changed).unwrap();
     let differs = run(Command::new("qemu-img")
@@ -186,7 +176,7 @@ fn qemu_io(uri: &str, commands: &[&str]) -> String {
 
 #[test]
 fn qemu_io_aligned_and_unaligned_reads_and_writes() {
-    let server = server();
+    let (server, volumes) = server();
     let uri = server.uri("notrim");
     qemu_io(
         &uri,
@@ -213,7 +203,7 @@ fn qemu_io_aligned_and_unaligned_reads_and_writes() {
             "flush",
         ],
     );
-    let data = std::fs::read(server.dir.path().join("notrim.img")).unwrap();
+    let data = volumes.notrim.plaintext();
     assert!(data[..1000].iter().all(|&b| b == 0xab));
     assert!(data[1000..4333].iter().all(|&b| b == 0xcd));
     assert_eq!(&data[65534..65538], &[0xab, 0x01, 0x01, 0]);
@@ -223,7 +213,7 @@ fn qemu_io_aligned_and_unaligned_reads_and_writes() {
 
 #[test]
 fn trim_zeroes_and_block_status_through_qemu_io_and_nbdinfo_map() {
-    let server = server();
+    let (server, _) = server();
     let uri = server.uri("disk");
     qemu_io(
         &uri,
@@ -285,7 +275,7 @@ fn trim_zeroes_and_block_status_through_qemu_io_and_nbdinfo_map() {
     // writing zeros: the copy is exact either way.
     let dir = server.dir.path();
     let mut sparse = vec![0u8; 8 * MIB as usize];
-    sparse[MIB as usize..2 * MIB as usize].copy_from_slice(&random_bytes(MIB as usize, 6));
+    sparse[MIB as usize..2 * MIB as usize].copy_from_slice(&random_bytes(MIB as usize));
     std::fs::write(dir.join("sparse.img"), &sparse).unwrap();
     for target in [&notrim, &uri] {
         qemu_io(target, &["write -P 0x33 0 8M"]);
@@ -338,7 +328,7 @@ fn fio_errors(out: &str) -> u64 {
 
 #[test]
 fn fio_random_writes_verify_at_iodepth_32() {
-    let server = server();
+    let (server, _) = server();
     let out = run_ok(&mut fio(
         server.dir.path(),
         &server.uri("disk"),
@@ -351,7 +341,7 @@ fn fio_random_writes_verify_at_iodepth_32() {
 
 #[test]
 fn two_fio_processes_on_two_connections_at_once() {
-    let server = server();
+    let (server, _) = server();
     let uri = server.uri("disk");
     let dir = server.dir.path();
     let mut first = fio(dir, &uri, "low", &["--offset=0", "--size=16M"]);
@@ -367,24 +357,23 @@ fn two_fio_processes_on_two_connections_at_once() {
 
 #[test]
 fn read_only_export_refuses_writers() {
-    let server = server();
+    let (server, volumes) = server();
     let dir = server.dir.path();
     let source = dir.join("small.img");
-    std::fs::write(&source, random_bytes(MIB as usize, 2)).unwrap();
+    std::fs::write(&source, random_bytes(MIB as usize)).unwrap();
     let copy = run(Command::new("nbdcopy").arg(&source).arg(server.uri("ro")));
     assert!(!copy.status.success());
+    assert!(volumes.ro.plaintext().iter().all(|&b| b == 0));
     assert!(
-        std::fs::read(dir.join("ro.img"))
-            .unwrap()
-            .iter()
-            .all(|&b| b == 0)
+        volumes.ro.stored().iter().all(|&b| b == 0),
+        "nothing reached the backing file"
     );
     server.stop().unwrap();
 }
 
 #[test]
 fn tcp_clients_are_served_too() {
-    let server = server();
+    let (server, _) = server();
     let uri = server.tcp_uri("notrim");
     let info = nbdinfo_json(&uri);
     assert_eq!(info["export-size"], 8 * MIB);

@@ -9,7 +9,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::nbd::{FileBackend, RawClient, RawReply, TestServer, export, random_bytes};
+use common::nbd::{Attach, RawClient, RawReply, TestKms, TestServer, export};
+use common::random_bytes;
 use nbdcrypt::nbd::Limits;
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
 
@@ -47,11 +48,11 @@ const MIB: usize = 1 << 20;
 
 fn start_server(limits: Limits) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FileBackend::create(
-        &dir.path().join("disk.img"),
+    let backend = Arc::new(TestKms::new(dir.path()).volume(
+        "disk",
         64 * MIB as u64,
         4096,
-        true,
+        Attach::AllowDiscards,
     ));
     TestServer::start_with(dir, vec![export("disk", backend, false)], limits)
 }
@@ -70,7 +71,7 @@ fn memory_stays_bounded() {
     let server = start_server(Limits::default());
     let mut client = RawClient::connect(&server.socket, "disk", false);
     let max = 32 * MIB;
-    let payload = random_bytes(max + 1, 5);
+    let payload = random_bytes(max + 1);
 
     // The counter works: a valid maximal write does allocate its size.
     LARGEST.store(0, Ordering::SeqCst);

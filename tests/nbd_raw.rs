@@ -10,25 +10,26 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::nbd::{FileBackend, Gated, RawClient, RawReply, TestServer, export, random_bytes};
+use common::nbd::{Attach, Gated, RawClient, RawReply, TestKms, TestServer, TestVolume, export};
+use common::random_bytes;
 use nbdcrypt::nbd::Limits;
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags, ReplyType};
 
 const NONE: CommandFlags = CommandFlags::EMPTY;
 const MIB: u64 = 1 << 20;
 
-fn gated_server(gated: Vec<u64>, limits: Limits) -> (TestServer, Arc<Gated<FileBackend>>) {
+/// A writable 512-byte-sector volume that punches holes ("disk"), its
+/// reads and writes at `gated` offsets held until the test opens the gate,
+/// and a read-only export ("ro") of a volume attached read-write, so that
+/// a refused write can only have been refused by the server.
+fn gated_server(gated: Vec<u64>, limits: Limits) -> (TestServer, Arc<Gated<TestVolume>>) {
     let dir = tempfile::tempdir().unwrap();
+    let kms = TestKms::new(dir.path());
     let backend = Arc::new(Gated::new(
-        FileBackend::create(&dir.path().join("disk.img"), 16 * MIB, 512, true),
+        kms.volume("disk", 16 * MIB, 512, Attach::AllowDiscards),
         gated,
     ));
-    let ro = Arc::new(FileBackend::create(
-        &dir.path().join("ro.img"),
-        MIB,
-        512,
-        false,
-    ));
+    let ro = Arc::new(kms.volume("ro", MIB, 512, Attach::ReadWrite));
     let exports = vec![
         export("disk", backend.clone(), false),
         export("ro", ro, true),
@@ -145,7 +146,7 @@ fn requests_over_the_maximum_are_refused_and_the_stream_stays_in_step() {
     };
     let (server, _) = gated_server(vec![], limits);
     let mut client = RawClient::connect(&server.socket, "disk", false);
-    let big = random_bytes(MIB as usize + 1, 3);
+    let big = random_bytes(MIB as usize + 1);
     client.send(Command::WRITE, NONE, 1, 0, big.len() as u32, &big);
     assert_eq!(client.reply(|_| 0), simple(1, 22, vec![]));
     client.send(Command::READ, NONE, 2, 0, MIB as u32 + 1, &[]);
@@ -243,7 +244,7 @@ fn a_client_vanishing_mid_request_leaves_the_others_served() {
         1,
         0,
         u32::MAX,
-        &random_bytes(4 * MIB as usize, 4),
+        &random_bytes(4 * MIB as usize),
     );
     drop(huge);
     let mut fresh = RawClient::connect(&server.socket, "disk", false);

@@ -1,12 +1,11 @@
-//! Shared by the NBD integration tests: a file-backed test backend, an
-//! in-process server on a Unix socket in a temporary directory, a raw
-//! client that speaks the protocol byte by byte, and a way to run the real
-//! clients with a deadline.
+//! Shared by the NBD integration tests: real encrypted volumes under a
+//! real local KMS as exports, an in-process server on a Unix socket in a
+//! temporary directory, a raw client that speaks the protocol byte by byte,
+//! and a way to run the real clients with a deadline.
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -15,155 +14,149 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use nbdcrypt::kms::{CreateKeyRequest, KeySpec, LocalKms};
 use nbdcrypt::nbd::proto::transmission::RequestHeader;
 use nbdcrypt::nbd::proto::wire::{
     Command as Cmd, CommandFlags, IHAVEOPT, InfoType, OPTION_REPLY_MAGIC, OptionCode,
     OptionReplyType, ReplyType, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, TransmissionFlags,
 };
 use nbdcrypt::nbd::{Backend, Export, Extent, Limits, Listener};
-use nix::errno::Errno;
-use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
-use nix::unistd::{Whence, lseek};
+use nbdcrypt::volume::{self, AttachOptions, CreateOptions, Volume};
 use tempfile::TempDir;
 
-/// A plain file as an export: pread/pwrite, holes punched for trim and
-/// zeroing, extents from SEEK_DATA/SEEK_HOLE. Test-only; the real backend
-/// is the encrypted volume.
-pub struct FileBackend {
-    file: File,
-    size: u64,
-    block_size: u32,
-    can_trim: bool,
-    flushes: AtomicUsize,
+use super::DB;
+
+/// The test's own local KMS, in `kms/` of the test's folder, with one
+/// symmetric key: what the volumes of the test are made and unlocked with.
+pub struct TestKms {
+    kms: LocalKms,
+    key_id: String,
+    dir: PathBuf,
 }
 
-impl FileBackend {
-    /// A sparse file of `size` bytes at `path`.
-    pub fn create(path: &Path, size: u64, block_size: u32, can_trim: bool) -> Self {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
+/// How a test volume is attached, as `nbdcrypt serve` would attach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    ReadOnly,
+    ReadWrite,
+    /// Read-write, and TRIM and zeroing may punch holes (`--allow-discards`).
+    AllowDiscards,
+}
+
+impl TestKms {
+    /// Opens a KMS in `dir/kms` (with its own root key there, whatever the
+    /// environment says) and creates a key.
+    pub fn new(dir: &Path) -> Self {
+        let kms = LocalKms::open_with_root_key(&dir.join("kms"), None).unwrap();
+        let key = kms
+            .create_key(&CreateKeyRequest {
+                description: "NBD test volumes".into(),
+                key_spec: KeySpec::SymmetricDefault,
+                key_usage: None,
+            })
             .unwrap();
-        file.set_len(size).unwrap();
-        FileBackend {
-            file,
-            size,
-            block_size,
-            can_trim,
-            flushes: AtomicUsize::new(0),
+        TestKms {
+            kms,
+            key_id: key.key_id,
+            dir: dir.to_owned(),
         }
     }
 
-    /// An existing file, as a server restart finds it.
-    pub fn open(path: &Path, block_size: u32, can_trim: bool) -> Self {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .unwrap();
-        let size = file.metadata().unwrap().len();
-        FileBackend {
-            file,
-            size,
-            block_size,
-            can_trim,
+    /// Creates the volume `dir/NAME.vol` of `size` bytes (a multiple of
+    /// `sector_size`) with the volume id `vol-NAME`, and opens it.
+    pub fn volume(&self, name: &str, size: u64, sector_size: u32, attach: Attach) -> TestVolume {
+        let path = self.dir.join(format!("{name}.vol"));
+        let opts = CreateOptions {
+            size: Some(size),
+            sector_size,
+            kms_key: self.key_id.clone(),
+            db_id: DB.into(),
+            vol_id: format!("vol-{name}"),
+            force: false,
+        };
+        volume::create(&path, &self.kms, &opts).unwrap();
+        self.open(&path, attach)
+    }
+
+    /// Opens an existing volume, as a server start does.
+    pub fn open(&self, path: &Path, attach: Attach) -> TestVolume {
+        let opts = AttachOptions {
+            db_id: DB.into(),
+            read_only: attach == Attach::ReadOnly,
+            allow_discards: attach == Attach::AllowDiscards,
+        };
+        TestVolume {
+            volume: Volume::open(path, &self.kms, &opts).unwrap(),
             flushes: AtomicUsize::new(0),
         }
+    }
+}
+
+/// A real encrypted volume as an export, served through the volume's own
+/// `Backend`; it only counts flushes, so tests can see the final one.
+pub struct TestVolume {
+    volume: Volume,
+    flushes: AtomicUsize,
+}
+
+impl TestVolume {
+    pub fn volume(&self) -> &Volume {
+        &self.volume
     }
 
     pub fn flushes(&self) -> usize {
         self.flushes.load(Ordering::SeqCst)
     }
 
-    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        fallocate(self.file.as_fd(), mode, offset as i64, len as i64)?;
-        Ok(())
+    /// Everything the volume holds, decrypted: what clients read.
+    pub fn plaintext(&self) -> Vec<u8> {
+        let mut all = vec![0; self.volume.size() as usize];
+        self.volume.read(0, &mut all).unwrap();
+        all
     }
 
-    /// The next offset at or after `from` where data (or a hole) starts.
-    fn seek(&self, from: u64, whence: Whence) -> io::Result<u64> {
-        match lseek(self.file.as_fd(), from as i64, whence) {
-            Ok(at) => Ok(at as u64),
-            // No data after `from`: everything to the end is a hole.
-            Err(Errno::ENXIO) => Ok(self.size),
-            Err(e) => Err(e.into()),
-        }
+    /// The data segment as it lies in the backing file: ciphertext.
+    pub fn stored(&self) -> Vec<u8> {
+        let mut all = vec![0; self.volume.size() as usize];
+        File::open(self.volume.path())
+            .unwrap()
+            .read_exact_at(&mut all, self.volume.header().data_offset())
+            .unwrap();
+        all
     }
 }
 
-impl Backend for FileBackend {
+impl Backend for TestVolume {
     fn size(&self) -> u64 {
-        self.size
+        <Volume as Backend>::size(&self.volume)
     }
     fn block_size(&self) -> u32 {
-        self.block_size
+        <Volume as Backend>::block_size(&self.volume)
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        <Volume as Backend>::read(&self.volume, offset, buf)
     }
     fn write(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
-        self.file.write_all_at(data, offset)
+        <Volume as Backend>::write(&self.volume, offset, data)
     }
     fn flush(&self) -> io::Result<()> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
-        self.file.sync_data()
+        <Volume as Backend>::flush(&self.volume)
     }
     fn can_trim(&self) -> bool {
-        self.can_trim
+        <Volume as Backend>::can_trim(&self.volume)
     }
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.punch(offset, len)
+        <Volume as Backend>::trim(&self.volume, offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
-        if may_trim && self.can_trim {
-            return self.punch(offset, len);
-        }
-        let zeros = vec![0; len.min(1 << 20) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeros.len() as u64);
-            self.file.write_all_at(&zeros[..n as usize], at)?;
-            at += n;
-        }
-        Ok(())
+        <Volume as Backend>::write_zeroes(&self.volume, offset, len, may_trim)
     }
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
-        posix_fadvise(
-            self.file.as_fd(),
-            offset as i64,
-            len as i64,
-            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
-        )?;
-        Ok(())
+        <Volume as Backend>::cache(&self.volume, offset, len)
     }
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        let end = (offset + len).min(self.size);
-        let mut out = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let data = self.seek(at, Whence::SeekData)?;
-            if data > at {
-                let next = data.min(self.size);
-                out.push(Extent {
-                    length: next - at,
-                    hole: true,
-                    zero: true,
-                });
-                at = next;
-            } else {
-                let hole = self.seek(at, Whence::SeekHole)?.min(self.size);
-                out.push(Extent {
-                    length: hole - at,
-                    hole: false,
-                    zero: false,
-                });
-                at = hole;
-            }
-        }
-        Ok(out)
+        <Volume as Backend>::extents(&self.volume, offset, len)
     }
 }
 
@@ -398,20 +391,6 @@ pub fn run_ok(command: &mut Command) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A client that speaks the protocol byte by byte over a blocking socket.
