@@ -19,8 +19,8 @@
 //! - [`server`]: accept loops on TCP and Unix sockets, the connection
 //!   limit, shutdown fan-out and the final flush.
 //!
-//! The server is generic over a [`Backend`]: the encrypted volume in
-//! production, a plain file or memory in tests.
+//! The server is generic over a [`Backend`]: the encrypted volume (see
+//! `volume.rs`), and an in-memory one in this module's unit tests.
 
 pub mod buffers;
 pub mod connection;
