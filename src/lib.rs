@@ -15,13 +15,20 @@
 //!   encryption of data keys bound to an encryption context, the durable key
 //!   store and the audit log. Knows nothing about volumes, so a remote KMS can
 //!   stand behind the same [`kms::Kms`] trait.
+//! - [`snapshot`]: point-in-time snapshots of a volume, offline or while it
+//!   is served (copy-on-write), that stay ciphertext; restore under a new
+//!   identity, re-wrapped or re-encrypted.
+//! - [`control`]: the server's Unix control socket (JSON lines, owner only):
+//!   snapshots of served volumes, the export list, stats.
 //! - [`secret`]: the one type key material lives in (zeroized, locked in
 //!   memory, never printed).
 //! - [`cli`]: the `nbdcrypt` command line; wires the rest together.
 
 pub mod cli;
+pub mod control;
 pub mod crypto;
 pub mod kms;
 pub mod nbd;
 pub mod secret;
+pub mod snapshot;
 pub mod volume;

@@ -7,8 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod admin;
 pub mod kms;
 pub mod serve;
+pub mod snapshot;
 pub mod volume;
 
 use crate::kms::LocalKms;
@@ -55,6 +57,10 @@ pub enum Command {
     Volume(volume::VolumeArgs),
     /// Serve encrypted volumes over NBD (TCP and Unix sockets).
     Serve(serve::ServeArgs),
+    /// Take, list and restore encrypted snapshots of volumes, also of served ones.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Ask a running server (through its control socket) what it serves.
+    Admin(admin::AdminArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -64,6 +70,8 @@ pub fn main() -> ExitCode {
         Command::Kms(args) => kms::run(args, &cli.global),
         Command::Volume(args) => volume::run(args, &cli.global),
         Command::Serve(args) => serve::run(args, &cli.global),
+        Command::Snapshot(args) => snapshot::run(args, &cli.global),
+        Command::Admin(args) => admin::run(args, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{CliResult, Global, open_kms, parse_size};
+use crate::control::{self, Control};
+use crate::kms::Kms;
 use crate::nbd::{self, Export, Limits, Listener};
 use crate::volume::{AttachOptions, Volume};
 
@@ -34,6 +36,10 @@ pub struct ServeArgs {
     /// Most bytes of requests in flight per connection (K/M/G suffixes).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     max_inflight: u64,
+    /// Unix socket for admin commands (`nbdcrypt snapshot create --server`,
+    /// `nbdcrypt admin`): mode 0600, served to this user only.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs, global: &Global) -> CliResult {
@@ -42,6 +48,7 @@ pub fn run(args: ServeArgs, global: &Global) -> CliResult {
     }
     let kms = open_kms(global)?;
     let mut exports: Vec<Export> = Vec::new();
+    let mut volumes: Vec<Arc<Volume>> = Vec::new();
     for spec in &args.volumes {
         let (path, read_only) = match spec.strip_suffix(":ro") {
             Some(path) => (Path::new(path), true),
@@ -62,14 +69,24 @@ pub fn run(args: ServeArgs, global: &Global) -> CliResult {
             )
             .into());
         }
+        let volume = Arc::new(volume);
         exports.push(Export {
             name: volume.id().to_owned(),
             description: format!("nbdcrypt volume {}", volume.path().display()),
             read_only,
-            backend: Arc::new(volume),
+            backend: volume.clone(),
         });
+        volumes.push(volume);
     }
-    drop(kms);
+    // Online snapshots re-wrap volume keys, so a server with a control
+    // socket keeps its KMS; one without needs it no more.
+    let kms: Option<Arc<dyn Kms>> = match args.control {
+        Some(_) => Some(Arc::new(kms)),
+        None => {
+            drop(kms);
+            None
+        }
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -103,10 +120,30 @@ pub fn run(args: ServeArgs, global: &Global) -> CliResult {
             max_inflight_bytes_per_connection: args.max_inflight as usize,
             ..Limits::default()
         };
-        nbd::serve(exports, limits, listeners, shutdown_signal()).await?;
-        for path in &args.unix {
+        // One signal stops both servers; so does the NBD server's end,
+        // which drops the sender.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let control_task = match (&args.control, kms) {
+            (Some(path), Some(kms)) => {
+                let listener = bind_control(path)?;
+                let control = Arc::new(Control::new(volumes, kms, args.db_id.clone()));
+                eprintln!("nbdcrypt: control socket {}", path.display());
+                Some(tokio::spawn(control::serve(listener, control, stopped)))
+            }
+            _ => None,
+        };
+        let signal = async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        };
+        let served = nbd::serve(exports, limits, listeners, signal).await;
+        if let Some(task) = control_task {
+            let _ = task.await;
+        }
+        for path in args.unix.iter().chain(&args.control) {
             let _ = std::fs::remove_file(path);
         }
+        served?;
         eprintln!("nbdcrypt: stopped; every volume flushed");
         Ok::<(), super::CliError>(())
     })
@@ -121,6 +158,17 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// The control socket: 0600 at once after the bind; the window before the
+/// chmod is closed by the peer-credential check of every connection.
+fn bind_control(path: &Path) -> Result<tokio::net::UnixListener, super::CliError> {
+    use std::os::unix::fs::PermissionsExt;
+    remove_stale_socket(path)?;
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 /// A socket file left by a server that died is removed; anything else at that

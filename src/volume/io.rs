@@ -3,7 +3,8 @@
 //! Sectors are the unit of encryption, so requests at any other alignment
 //! become whole-sector operations here: reads decrypt the covering sectors and
 //! copy out the middle; writes read-modify-write their partial head and tail
-//! sectors under an exclusive stripe lock (see `locks`).
+//! sectors under an exclusive stripe lock (see `locks`). Every change calls
+//! the copy-on-write hook first, under its stripes (see `hook`).
 //!
 //! A sector whose ciphertext is all zero bytes reads as zeros. That is how a
 //! fresh sparse volume reads as zeros, like a new EBS volume, and how a punched
@@ -45,9 +46,11 @@ impl Volume {
         let (start, end) = self.covering_sectors(offset, len);
         if start == offset && end == offset + len {
             let _held = self.locks.lock(start, len, false);
+            self.before_change(start, len);
             return self.write_sectors(start, data);
         }
         let _held = self.locks.lock(start, end - start, true);
+        self.before_change(start, end - start);
         let mut whole = vec![0u8; (end - start) as usize];
         let ss = self.sector_size as usize;
         if offset != start {
@@ -84,6 +87,7 @@ impl Volume {
             &mut vec![0u8; (offset + len - inner_end) as usize],
         )?;
         let _held = self.locks.lock(inner_start, inner_end - inner_start, false);
+        self.before_change(inner_start, inner_end - inner_start);
         let mut pos = inner_start;
         for run in self.allocation(inner_start, inner_end - inner_start)? {
             if !run.hole {
@@ -109,6 +113,7 @@ impl Volume {
             return Ok(());
         }
         let _held = self.locks.lock(start, end - start, false);
+        self.before_change(start, end - start);
         self.backing.discard(self.data_offset + start, end - start)
     }
 

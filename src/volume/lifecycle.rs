@@ -326,7 +326,11 @@ fn check_size(size: u64, sector_size: u32) -> Result<(), VolumeError> {
 
 /// AWS ids are a prefix and letters or digits (`db-CQYSMDPBRZ7BPMH7Y3RTDG5QY`,
 /// `vol-ad8c6542`); anything else is refused before it reaches a header.
-fn check_id(what: &'static str, value: &str, prefix: &'static str) -> Result<(), VolumeError> {
+pub(crate) fn check_id(
+    what: &'static str,
+    value: &str,
+    prefix: &'static str,
+) -> Result<(), VolumeError> {
     let rest = value.strip_prefix(prefix).unwrap_or("");
     if rest.is_empty() || rest.len() > 64 || !rest.chars().all(|c| c.is_ascii_alphanumeric()) {
         let expected = if prefix == "db-" {

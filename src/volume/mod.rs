@@ -7,12 +7,14 @@
 //! - `io`: plaintext reads and writes at any offset, zeroing, discard.
 //! - `transfer`: import and export of raw images.
 //! - `backing`: the file or block device underneath.
+//! - `hook`: the copy-on-write hook a live snapshot installs.
 //!
 //! Knows nothing about NBD: the server adapts a [`Volume`] to its backend
 //! trait.
 
 mod backing;
 mod error;
+mod hook;
 mod io;
 mod lifecycle;
 mod locks;
@@ -24,13 +26,15 @@ mod tests;
 
 use std::path::{Path, PathBuf};
 
+pub(crate) use backing::Backing;
 pub use backing::{Allocation, device_size};
 pub use error::VolumeError;
+pub use hook::{BeforeChange, HookBusy};
+pub(crate) use lifecycle::check_id;
 pub use lifecycle::{AttachOptions, CreateOptions, create, read_header, rekey, unlock};
 pub use transfer::Progress;
 
 use crate::crypto::SectorCipher;
-use backing::Backing;
 use locks::WriteLocks;
 use luks2::Header;
 
@@ -46,6 +50,7 @@ pub struct Volume {
     read_only: bool,
     allow_discards: bool,
     locks: WriteLocks,
+    hook: hook::HookSlot,
 }
 
 impl Volume {
@@ -67,6 +72,7 @@ impl Volume {
             read_only: opts.read_only,
             allow_discards: opts.allow_discards,
             locks: WriteLocks::default(),
+            hook: hook::HookSlot::default(),
         }
     }
 
@@ -76,6 +82,12 @@ impl Volume {
 
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The file or device holding the header and the ciphertext, for a
+    /// snapshot that copies the ciphertext as it is.
+    pub(crate) fn backing(&self) -> &Backing {
+        &self.backing
     }
 
     /// The volume id (the header's label).

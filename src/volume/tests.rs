@@ -198,3 +198,84 @@ fn read_only_and_out_of_range_are_refused() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     assert!(v.write(u64::MAX, &mut [0u8; 2]).is_err());
 }
+
+/// Records the ranges a change announces, and what the volume held there
+/// at that moment (the ciphertext a snapshot would have to keep).
+struct Recorder {
+    calls: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl BeforeChange for Recorder {
+    fn before_change(&self, offset: u64, len: u64) {
+        self.calls.lock().unwrap().push((offset, len));
+    }
+}
+
+#[test]
+fn every_change_calls_the_hook_first_with_whole_sectors() {
+    let f = fixture(4 << 20, 4096);
+    let v = open(&f, false, true);
+    let rec = Arc::new(Recorder {
+        calls: Default::default(),
+    });
+    v.install_hook(rec.clone()).unwrap();
+    assert!(v.install_hook(rec.clone()).is_err(), "one hook at a time");
+    v.write(8192, &mut vec![1u8; 4096]).unwrap();
+    v.write(100, &mut [2u8; 10]).unwrap();
+    v.write_zeroes(1 << 20, 3 << 19, true).unwrap();
+    v.discard(3 << 20, 1 << 20).unwrap();
+    v.read(0, &mut [0u8; 4096]).unwrap();
+    let calls = rec.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        [
+            (8192, 4096),
+            (0, 4096),
+            ((1 << 20), 3 << 19),
+            (3 << 20, 1 << 20)
+        ]
+    );
+    v.remove_hook();
+    v.write(0, &mut vec![3u8; 4096]).unwrap();
+    assert_eq!(
+        rec.calls.lock().unwrap().len(),
+        4,
+        "removed hooks hear nothing"
+    );
+    v.install_hook(rec).unwrap();
+}
+
+/// The install waits for a write in flight: the write holds its stripe
+/// while its hook call runs, so installing from inside that call's thread
+/// would deadlock; from another thread it must wait until the write ends.
+#[test]
+fn install_waits_for_writes_in_flight() {
+    struct Slow(std::sync::Barrier);
+    impl BeforeChange for Slow {
+        fn before_change(&self, _: u64, _: u64) {
+            self.0.wait();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let f = fixture(1 << 20, 4096);
+    let v = Arc::new(open(&f, false, false));
+    let slow = Arc::new(Slow(std::sync::Barrier::new(2)));
+    v.install_hook(slow.clone()).unwrap();
+    let writer = {
+        let v = Arc::clone(&v);
+        std::thread::spawn(move || v.write(0, &mut vec![5u8; 4096]).unwrap())
+    };
+    slow.0.wait(); // the writer is inside its hook call, stripe held
+    v.remove_hook();
+    let rec = Arc::new(Recorder {
+        calls: Default::default(),
+    });
+    v.install_hook(rec).unwrap();
+    let mut block = vec![0u8; 4096];
+    v.read(0, &mut block).unwrap();
+    assert!(
+        block.iter().all(|&b| b == 5),
+        "installed while a write was in flight"
+    );
+    writer.join().unwrap();
+}

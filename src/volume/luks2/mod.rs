@@ -168,7 +168,36 @@ impl Header {
         token: &KmsToken,
     ) -> Result<Self, HeaderError> {
         check_params(params, volume_key)?;
-        let digest = Pbkdf2Digest::new(volume_key);
+        Self::format_with_digest(params, Pbkdf2Digest::new(volume_key), token)
+    }
+
+    /// A new header (seqid 1) for a copy of this volume's data segment under
+    /// the same volume key, which the caller never needs to see: this
+    /// header's key digest, a new uuid, label and token. Snapshots and their
+    /// restores are made this way; the token must wrap the same key (the
+    /// KMS's ReEncrypt of this header's token). Keyslots and foreign tokens
+    /// do not follow: a recovery passphrase stays with its volume.
+    pub fn format_sharing_key(
+        &self,
+        params: &FormatParams,
+        token: &KmsToken,
+    ) -> Result<Self, HeaderError> {
+        check_layout(params)?;
+        if params.sector_size != self.sector_size() || params.data_size != self.data_size() {
+            return Err(HeaderError::InvalidParams(format!(
+                "a copy under the same key keeps the {}-byte sectors and the {}-byte size",
+                self.sector_size(),
+                self.data_size()
+            )));
+        }
+        Self::format_with_digest(params, self.digest.clone(), token)
+    }
+
+    fn format_with_digest(
+        params: &FormatParams,
+        digest: Pbkdf2Digest,
+        token: &KmsToken,
+    ) -> Result<Self, HeaderError> {
         // As cryptsetup's LUKS2_set_keyslots_size: everything between the
         // second copy and the data, capped, in whole 4 KiB blocks.
         let keyslots_size =
@@ -326,6 +355,44 @@ impl Header {
         token.store(obj.expect("validated: tokens are objects"));
     }
 
+    /// Adds a token of another type (not ours, not cryptsetup's `luks2-`
+    /// ones) bound to no keyslot, or replaces the one of that type: room for
+    /// facts that cryptsetup shows in `luksDump` and otherwise leaves alone,
+    /// such as where a snapshot came from. Written by the next
+    /// [`Header::write_to`], which refuses metadata too large for the area.
+    pub fn set_aux_token(
+        &mut self,
+        kind: &str,
+        mut fields: Map<String, Value>,
+    ) -> Result<(), HeaderError> {
+        if kind == TOKEN_TYPE || kind.starts_with("luks2-") || kind.is_empty() {
+            return Err(HeaderError::InvalidParams(format!(
+                "token type {kind:?} is reserved"
+            )));
+        }
+        fields.insert("type".into(), kind.into());
+        fields.insert("keyslots".into(), Value::Array(Vec::new()));
+        let id = match metadata::ids_of_type(&self.metadata, "tokens", kind).first() {
+            Some(id) => id.to_string(),
+            None => (0..)
+                .map(|n: u32| n.to_string())
+                .find(|id| self.metadata["tokens"].get(id).is_none())
+                .expect("fewer than 2^32 tokens"),
+        };
+        let tokens = self.metadata["tokens"]
+            .as_object_mut()
+            .expect("validated: tokens is an object");
+        tokens.insert(id, Value::Object(fields));
+        Ok(())
+    }
+
+    /// The fields of the token of type `kind` that [`Header::set_aux_token`]
+    /// added, if any.
+    pub fn aux_token(&self, kind: &str) -> Option<&Map<String, Value>> {
+        let id = *metadata::ids_of_type(&self.metadata, "tokens", kind).first()?;
+        self.metadata["tokens"][id].as_object()
+    }
+
     /// Constant-time check of the key against the digest.
     pub fn verify_volume_key(&self, key: &SecretBytes) -> Result<(), HeaderError> {
         if key.len() == VOLUME_KEY_LEN && self.digest.matches(key) {
@@ -415,6 +482,23 @@ fn segment_digest(metadata: &Value) -> Result<Pbkdf2Digest, HeaderError> {
 }
 
 fn check_params(p: &FormatParams, key: &SecretBytes) -> Result<(), HeaderError> {
+    check_layout(p)?;
+    let bad = |why: String| Err(HeaderError::InvalidParams(why));
+    if key.len() != VOLUME_KEY_LEN {
+        return bad(format!(
+            "a {}-byte volume key (aes-xts-plain64 needs {VOLUME_KEY_LEN})",
+            key.len()
+        ));
+    }
+    let (k1, k2) = key.expose().split_at(VOLUME_KEY_LEN / 2);
+    if crate::secret::constant_time_eq(k1, k2) {
+        return bad("a volume key whose two XTS halves are equal".into());
+    }
+    Ok(())
+}
+
+/// The geometry rules of [`FormatParams`], whatever the key.
+fn check_layout(p: &FormatParams) -> Result<(), HeaderError> {
     let bad = |why: String| Err(HeaderError::InvalidParams(why));
     if p.sector_size != 512 && p.sector_size != 4096 {
         return bad(format!("sector size {} (use 512 or 4096)", p.sector_size));
@@ -444,16 +528,6 @@ fn check_params(p: &FormatParams, key: &SecretBytes) -> Result<(), HeaderError> 
             p.label,
             binary::MAX_LABEL_LEN
         ));
-    }
-    if key.len() != VOLUME_KEY_LEN {
-        return bad(format!(
-            "a {}-byte volume key (aes-xts-plain64 needs {VOLUME_KEY_LEN})",
-            key.len()
-        ));
-    }
-    let (k1, k2) = key.expose().split_at(VOLUME_KEY_LEN / 2);
-    if crate::secret::constant_time_eq(k1, k2) {
-        return bad("a volume key whose two XTS halves are equal".into());
     }
     Ok(())
 }

@@ -442,3 +442,58 @@ fn format_with_512_byte_sectors_and_a_small_keyslots_area() {
     assert_eq!(h.metadata()["segments"]["0"]["sector_size"], json!(512));
     h.verify_volume_key(&key).unwrap();
 }
+
+#[test]
+fn a_header_sharing_the_key_verifies_it_and_drops_keyslots() {
+    let (mut source, key) = formatted();
+    // As `cryptsetup luksAddKey` leaves it: a keyslot the digest names.
+    source.metadata["keyslots"]["1"] = json!({"type": "luks2", "key_size": 64});
+    source.metadata["digests"]["0"]["keyslots"] = json!(["1"]);
+    let mut p = params();
+    p.label = "snap-0a1b2c3d".into();
+    let copy = source.format_sharing_key(&p, &token(b"blob-2")).unwrap();
+    assert_eq!(copy.label(), "snap-0a1b2c3d");
+    assert_ne!(copy.uuid(), source.uuid());
+    assert_eq!(copy.kms_token().unwrap(), token(b"blob-2"));
+    copy.verify_volume_key(&key).unwrap();
+    assert_eq!(copy.metadata()["keyslots"], json!({}));
+    assert_eq!(copy.metadata()["digests"]["0"]["keyslots"], json!([]));
+
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(DEFAULT_DATA_OFFSET + DATA_SIZE).unwrap();
+    copy.clone().write_to(&file).unwrap();
+    Header::read_from(&file)
+        .unwrap()
+        .verify_volume_key(&key)
+        .unwrap();
+
+    let mut other = params();
+    other.data_size = 2 * DATA_SIZE;
+    assert!(matches!(
+        source.format_sharing_key(&other, &token(b"x")),
+        Err(HeaderError::InvalidParams(_))
+    ));
+}
+
+#[test]
+fn an_aux_token_is_written_replaced_and_read_back() {
+    let (file, mut header, _key) = volume();
+    let fields = |v: &str| json!({"source": v}).as_object().unwrap().clone();
+    header
+        .set_aux_token("nbdcrypt-snapshot", fields("a"))
+        .unwrap();
+    header
+        .set_aux_token("nbdcrypt-snapshot", fields("b"))
+        .unwrap();
+    header.write_to(&file).unwrap();
+    let read = Header::read_from(&file).unwrap();
+    let aux = read.aux_token("nbdcrypt-snapshot").unwrap();
+    assert_eq!(aux["source"], "b");
+    assert_eq!(aux["keyslots"], json!([]));
+    assert_eq!(read.metadata()["tokens"].as_object().unwrap().len(), 2);
+    assert!(read.kms_token().is_ok());
+    assert!(read.aux_token("other").is_none());
+    for reserved in [TOKEN_TYPE, "luks2-keyring", ""] {
+        assert!(header.set_aux_token(reserved, fields("c")).is_err());
+    }
+}
