@@ -24,6 +24,8 @@ mod gcm;
 mod id;
 mod key;
 mod local;
+#[doc(hidden)]
+pub mod parse;
 mod store;
 mod time;
 

@@ -59,7 +59,7 @@ pub fn mac_matches(key: &SecretBytes, parts: &[&[u8]], tag: &[u8]) -> bool {
 }
 
 impl RootKeys {
-    fn derive(root: &SecretBytes) -> Self {
+    pub fn derive(root: &SecretBytes) -> Self {
         let sub = |label: &str| {
             let mut out = SecretBytes::zeroed(32);
             out.expose_mut()
@@ -226,11 +226,23 @@ impl Store {
         dir: &Path,
         root_path: &Path,
     ) -> Result<Self, KmsError> {
+        let bytes = fs::read(path).map_err(|e| KmsError::io("read the key store", path, e))?;
+        Self::decode(&bytes, path, root, dir, root_path)
+    }
+
+    /// Authenticates and decodes the bytes of a key store file; `path` is
+    /// where they came from, for the errors.
+    pub fn decode(
+        bytes: &[u8],
+        path: &Path,
+        root: &RootKeys,
+        dir: &Path,
+        root_path: &Path,
+    ) -> Result<Self, KmsError> {
         let corrupt = |reason: &str| KmsError::Corrupt {
             path: path.to_owned(),
             reason: reason.to_owned(),
         };
-        let bytes = fs::read(path).map_err(|e| KmsError::io("read the key store", path, e))?;
         let newline = bytes
             .iter()
             .position(|&b| b == b'\n')
@@ -272,15 +284,7 @@ impl Store {
     /// Writes the store atomically and durably.
     pub fn save(&self, path: &Path, root: &RootKeys) -> Result<(), KmsError> {
         let body = serde_json::to_vec_pretty(self).expect("the store serializes");
-        let tag = mac(&root.store_mac, &[MAGIC.as_bytes(), &body]);
-        let mut bytes = format!(
-            "{MAGIC} {FORMAT} {} {}\n",
-            self.root_key_fingerprint,
-            to_hex(&tag)
-        )
-        .into_bytes();
-        bytes.extend_from_slice(&body);
-        fsio::write_atomic(path, &bytes)
+        fsio::write_atomic(path, &frame(&body, root))
     }
 
     pub fn key(&self, id: Uuid) -> Option<&StoredKey> {
@@ -294,6 +298,16 @@ impl Store {
     pub fn alias(&self, name: &str) -> Option<&AliasEntry> {
         self.aliases.iter().find(|a| a.name == name)
     }
+}
+
+/// A store file: the header line (magic, format, root key fingerprint,
+/// integrity tag over `body`), then `body`.
+pub fn frame(body: &[u8], root: &RootKeys) -> Vec<u8> {
+    let tag = mac(&root.store_mac, &[MAGIC.as_bytes(), body]);
+    let mut bytes =
+        format!("{MAGIC} {FORMAT} {} {}\n", root.fingerprint, to_hex(&tag)).into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
 }
 
 impl Material {
