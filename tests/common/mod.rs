@@ -211,3 +211,72 @@ impl Drop for Server {
         }
     }
 }
+
+/// A tmpfs mounted on a fresh folder of the environment (needs root, as the
+/// tests run); unmounted on drop. A small one runs out of space on demand;
+/// a read-only one is a directory even root cannot write to.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(env: &Env, name: &str, size: &str, read_only: bool) -> Self {
+        let dir = env.path(name);
+        std::fs::create_dir(&dir).expect("mount point");
+        let mode = if read_only { "ro" } else { "rw" };
+        tool_ok(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},{mode},mode=0755"),
+                "tmpfs",
+                dir.to_str().unwrap(),
+            ],
+        );
+        Self { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = tool("umount", &[self.dir.to_str().unwrap()]);
+    }
+}
+
+/// The volume's key as `volume export-key` writes it (break glass, audited).
+pub fn export_key(env: &Env, volume: &Path, db: &str, name: &str) -> Vec<u8> {
+    let out = env.path(name);
+    env.ok(&[
+        "volume",
+        "export-key",
+        volume.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--db-id",
+        db,
+    ]);
+    std::fs::read(out).expect("key file")
+}
+
+/// The volume's plaintext, through `volume export` to a raw image.
+pub fn plaintext(env: &Env, volume: &Path, db: &str, name: &str) -> Vec<u8> {
+    let out = env.path(name);
+    env.ok(&[
+        "volume",
+        "export",
+        volume.to_str().unwrap(),
+        "--to",
+        out.to_str().unwrap(),
+        "--db-id",
+        db,
+    ]);
+    std::fs::read(out).expect("raw image")
+}
+
+/// `volume inspect --json`.
+pub fn inspect(env: &Env, volume: &Path) -> serde_json::Value {
+    serde_json::from_str(&env.ok(&["volume", "inspect", volume.to_str().unwrap(), "--json"]))
+        .expect("inspect prints JSON")
+}
