@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use common::{DB, Env, Tmpfs, export_key, inspect, plaintext, random_bytes, sha256_file, tool_ok};
+use common::{DB, Env, Mount, export_key, inspect, plaintext, random_bytes, sha256_file, tool_ok};
 use serde_json::Value;
 
 const VOL: &str = "vol-ad8c6542";
@@ -19,8 +19,13 @@ const MIB: usize = 1 << 20;
 /// A 32 MiB volume holding random data in [0, 3 MiB) and [20, 21) MiB, the
 /// rest holes; returns it and its plaintext.
 fn volume_with_data(env: &Env) -> (PathBuf, Vec<u8>) {
+    volume_with_data_at(env, "orders.vol")
+}
+
+/// The same, at `name` in the environment's folder.
+fn volume_with_data_at(env: &Env, name: &str) -> (PathBuf, Vec<u8>) {
     env.key("alias/orders");
-    let vol = env.volume("orders.vol", "32M", "alias/orders", VOL);
+    let vol = env.volume(name, "32M", "alias/orders", VOL);
     let mut image = vec![0u8; 32 * MIB];
     image[..3 * MIB].copy_from_slice(&random_bytes(3 * MIB));
     image[20 * MIB..21 * MIB].copy_from_slice(&random_bytes(MIB));
@@ -322,10 +327,10 @@ fn refusals_are_clear_and_leave_nothing_that_looks_complete() {
         &[],
         "No such file",
     );
-    let ro = Tmpfs::mount(&env, "ro", "1M", true);
+    let ro = Mount::tmpfs(&env, "ro", "1M", true);
     refused(&env, &vol, "snap-3", &ro.dir, &[], "Read-only file system");
     // 4 MiB of data does not fit in 2 MiB: out of space during the copy.
-    let small = Tmpfs::mount(&env, "small", "2M", false);
+    let small = Mount::tmpfs(&env, "small", "2M", false);
     refused(&env, &vol, "snap-4", &small.dir, &[], "no space left");
     // A leftover of a killed attempt is named, not overwritten.
     std::fs::write(out.join(".snap-5.partial"), b"").unwrap();
@@ -361,6 +366,44 @@ fn refusals_are_clear_and_leave_nothing_that_looks_complete() {
     ]);
     assert!(err.contains("not a snapshot"), "{err}");
     assert!(!env.path("x.vol").exists() && !env.path(".x.vol.partial").exists());
+}
+
+#[test]
+fn on_xfs_snapshots_and_restores_share_blocks_instead_of_copying() {
+    let env = Env::new();
+    let xfs = Mount::xfs(&env, "xfs");
+    let (vol, image) = volume_with_data_at(&env, "xfs/orders.vol");
+    let created = snapshot(&env, &vol, SNAP, &xfs.dir);
+    assert_eq!(created["bytes_copied"], 0, "{created}");
+    assert!(
+        created["bytes_reflinked"].as_u64().unwrap() >= 4 * MIB as u64,
+        "{created}"
+    );
+    let snap = xfs.dir.join(SNAP);
+    let extents = tool_ok("filefrag", &["-v", snap.to_str().unwrap()]);
+    assert!(extents.contains("shared"), "{extents}");
+
+    let restored = restore(
+        &env,
+        &snap,
+        "xfs/restored.vol",
+        &["--db-id", "db-XFS1", "--vol-id", "vol-xfs1"],
+    );
+    assert!(plaintext(&env, &restored, "db-XFS1", "restored.raw") == image);
+    // Writing the volume afterwards leaves the snapshot as it was.
+    let before = sha256_file(&snap);
+    let raw = env.path("other.raw");
+    std::fs::write(&raw, random_bytes(4 * MIB)).unwrap();
+    env.ok(&[
+        "volume",
+        "import",
+        vol.to_str().unwrap(),
+        "--from",
+        raw.to_str().unwrap(),
+        "--db-id",
+        DB,
+    ]);
+    assert_eq!(sha256_file(&snap), before);
 }
 
 #[test]

@@ -212,34 +212,55 @@ impl Drop for Server {
     }
 }
 
-/// A tmpfs mounted on a fresh folder of the environment (needs root, as the
-/// tests run); unmounted on drop. A small one runs out of space on demand;
-/// a read-only one is a directory even root cannot write to.
-pub struct Tmpfs {
+/// A file system mounted on a fresh folder of the environment (the tests
+/// run as root); unmounted on drop.
+pub struct Mount {
     pub dir: PathBuf,
 }
 
-impl Tmpfs {
-    pub fn mount(env: &Env, name: &str, size: &str, read_only: bool) -> Self {
-        let dir = env.path(name);
-        std::fs::create_dir(&dir).expect("mount point");
+impl Mount {
+    /// A tmpfs: a small one runs out of space on demand; a read-only one is
+    /// a directory even root cannot write to.
+    pub fn tmpfs(env: &Env, name: &str, size: &str, read_only: bool) -> Self {
         let mode = if read_only { "ro" } else { "rw" };
-        tool_ok(
-            "mount",
+        Self::new(
+            env,
+            name,
             &[
                 "-t",
                 "tmpfs",
                 "-o",
                 &format!("size={size},{mode},mode=0755"),
                 "tmpfs",
-                dir.to_str().unwrap(),
             ],
+        )
+    }
+
+    /// XFS with reflink, on a sparse image file: a file system that shares
+    /// blocks between files (FICLONERANGE).
+    pub fn xfs(env: &Env, name: &str) -> Self {
+        let image = env.path(&format!("{name}.img"));
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(320 << 20))
+            .expect("xfs image");
+        tool_ok(
+            "mkfs.xfs",
+            &["-q", "-m", "reflink=1", image.to_str().unwrap()],
         );
+        Self::new(env, name, &["-o", "loop", image.to_str().unwrap()])
+    }
+
+    fn new(env: &Env, name: &str, args: &[&str]) -> Self {
+        let dir = env.path(name);
+        std::fs::create_dir(&dir).expect("mount point");
+        let mut all = args.to_vec();
+        all.push(dir.to_str().unwrap());
+        tool_ok("mount", &all);
         Self { dir }
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for Mount {
     fn drop(&mut self) {
         let _ = tool("umount", &[self.dir.to_str().unwrap()]);
     }
