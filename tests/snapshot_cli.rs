@@ -158,6 +158,29 @@ fn a_snapshot_is_ciphertext_copied_as_is_under_its_own_context() {
         std::fs::read(env.path("as-snapshot.key")).unwrap(),
         export_key(&env, &vol, DB, "volume.key")
     );
+    // cryptsetup checks that key against the snapshot's own digest (on a
+    // copy: adding a keyslot writes the header).
+    let copy = env.path("snap-copy");
+    std::fs::copy(&snap, &copy).unwrap();
+    let pass = env.path("pass.txt");
+    std::fs::write(&pass, "recovery passphrase").unwrap();
+    tool_ok(
+        "cryptsetup",
+        &[
+            "luksAddKey",
+            "--batch-mode",
+            "--key-size",
+            "512",
+            "--volume-key-file",
+            env.path("as-snapshot.key").to_str().unwrap(),
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            copy.to_str().unwrap(),
+            pass.to_str().unwrap(),
+        ],
+    );
 
     // The listing.
     let list: Value =
