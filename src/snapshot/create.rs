@@ -79,7 +79,7 @@ pub fn create_offline(
         let n = (size - pos).min(64 << 20);
         copier
             .copy(&source, target.file(), offset + pos, n)
-            .map_err(|e| SnapshotError::io(target.partial_path(), e))?;
+            .map_err(|e| SnapshotError::io(target.path(), e))?;
         pos += n;
         progress(pos);
     }
@@ -115,7 +115,7 @@ pub fn create_online(
     let dest = target
         .file()
         .try_clone()
-        .map_err(|e| SnapshotError::io(target.partial_path(), e))?;
+        .map_err(|e| SnapshotError::io(target.path(), e))?;
     let cow = Arc::new(CopyOnWrite::new(
         source,
         dest,
@@ -127,7 +127,7 @@ pub fn create_online(
     let copied = cow.run(cancel, &|_| {});
     volume.remove_hook();
     copied.map_err(|stopped| match stopped {
-        Stopped::Io(e) => SnapshotError::io(target.partial_path(), e),
+        Stopped::Io(e) => SnapshotError::io(target.path(), e),
         Stopped::Cancelled => SnapshotError::Cancelled,
     })?;
     let mut created = plan.commit(target, header, token, cow.copier())?;

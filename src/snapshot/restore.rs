@@ -145,7 +145,7 @@ pub fn restore(
             let n = (header.data_size() - pos).min(64 << 20);
             copier
                 .copy(&source, target.file(), header.data_offset() + pos, n)
-                .map_err(|e| SnapshotError::io(target.partial_path(), e))?;
+                .map_err(|e| SnapshotError::io(target.path(), e))?;
             pos += n;
             progress(pos);
         }
@@ -189,7 +189,7 @@ fn reencrypt(
         },
     )?;
     let old_io = |e| SnapshotError::io(snapshot, e);
-    let new_io = |e| SnapshotError::io(target.partial_path(), e);
+    let new_io = |e| SnapshotError::io(target.path(), e);
     let mut buf = vec![0u8; CHUNK as usize];
     let mut read = 0;
     let mut pos = 0;

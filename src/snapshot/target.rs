@@ -86,6 +86,11 @@ impl Target {
         &self.file
     }
 
+    /// The name the file will have.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The hidden name the data is written under until the commit.
     pub fn partial_path(&self) -> &Path {
         &self.partial

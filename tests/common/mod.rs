@@ -253,3 +253,93 @@ impl Drop for Server {
         }
     }
 }
+
+/// A file system mounted on a fresh folder of the environment (the tests
+/// run as root); unmounted on drop.
+pub struct Mount {
+    pub dir: PathBuf,
+}
+
+impl Mount {
+    /// A tmpfs: a small one runs out of space on demand; a read-only one is
+    /// a directory even root cannot write to.
+    pub fn tmpfs(env: &Env, name: &str, size: &str, read_only: bool) -> Self {
+        let mode = if read_only { "ro" } else { "rw" };
+        Self::new(
+            env,
+            name,
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},{mode},mode=0755"),
+                "tmpfs",
+            ],
+        )
+    }
+
+    /// XFS with reflink, on a sparse image file: a file system that shares
+    /// blocks between files (FICLONERANGE).
+    pub fn xfs(env: &Env, name: &str) -> Self {
+        let image = env.path(&format!("{name}.img"));
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(320 << 20))
+            .expect("xfs image");
+        tool_ok(
+            "mkfs.xfs",
+            &["-q", "-m", "reflink=1", image.to_str().unwrap()],
+        );
+        Self::new(env, name, &["-o", "loop", image.to_str().unwrap()])
+    }
+
+    fn new(env: &Env, name: &str, args: &[&str]) -> Self {
+        let dir = env.path(name);
+        std::fs::create_dir(&dir).expect("mount point");
+        let mut all = args.to_vec();
+        all.push(dir.to_str().unwrap());
+        tool_ok("mount", &all);
+        Self { dir }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = tool("umount", &[self.dir.to_str().unwrap()]);
+    }
+}
+
+/// The volume's key as `volume export-key` writes it (break glass, audited).
+pub fn export_key(env: &Env, volume: &Path, db: &str, name: &str) -> Vec<u8> {
+    let out = env.path(name);
+    env.ok(&[
+        "volume",
+        "export-key",
+        volume.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--db-id",
+        db,
+    ]);
+    std::fs::read(out).expect("key file")
+}
+
+/// The volume's plaintext, through `volume export` to a raw image.
+pub fn plaintext(env: &Env, volume: &Path, db: &str, name: &str) -> Vec<u8> {
+    let out = env.path(name);
+    env.ok(&[
+        "volume",
+        "export",
+        volume.to_str().unwrap(),
+        "--to",
+        out.to_str().unwrap(),
+        "--db-id",
+        db,
+    ]);
+    std::fs::read(out).expect("raw image")
+}
+
+/// `volume inspect --json`.
+pub fn inspect(env: &Env, volume: &Path) -> serde_json::Value {
+    serde_json::from_str(&env.ok(&["volume", "inspect", volume.to_str().unwrap(), "--json"]))
+        .expect("inspect prints JSON")
+}
