@@ -6,8 +6,6 @@
 //! owner-only and answer every request line.
 
 mod common;
-#[path = "common/nbd.rs"]
-mod nbd;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -18,8 +16,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use common::nbd::{RawClient, RawReply};
 use common::{DB, Env, Server, plaintext};
-use nbd::{RawClient, RawReply};
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
 use serde_json::{Value, json};
 
