@@ -568,24 +568,38 @@ pub fn run(args: KmsArgs, global: &Global) -> CliResult {
             data_key,
             plaintext_out,
         } => {
+            let out = data_key.ciphertext_out;
+            // Every output is checked before the KMS makes a key, so that no
+            // plaintext key is ever left without its blob.
+            let stdout = Path::new("-");
+            if plaintext_out == stdout
+                && (global.json || out.as_deref().is_none_or(|o| o == stdout))
+            {
+                return Err("with --plaintext-out - give --ciphertext-out FILE and no --json, so that the key is the only thing on stdout".into());
+            }
+            for path in std::iter::once(&plaintext_out).chain(out.as_ref()) {
+                if path != stdout && path.exists() {
+                    return Err(format!("{} already exists; name a new file (nbdcrypt never overwrites key or data files)", path.display()).into());
+                }
+            }
             let ctx = context(&data_key.context.encryption_context);
             let dk = kms.generate_data_key(&key, &ctx, data_key.number_of_bytes)?;
             write_output(&plaintext_out, dk.plaintext.expose())?;
-            if human && plaintext_out != Path::new("-") {
+            if human && plaintext_out != stdout {
                 println!("Plaintext written to {}", plaintext_out.display());
             }
-            let out = data_key.ciphertext_out;
-            if human && out.is_none() && plaintext_out == Path::new("-") {
-                return Err("with --plaintext-out - also give --ciphertext-out, so that the key and its blob do not mix on stdout".into());
-            }
             println_key(global, &dk.key_id);
-            emit_bytes(
+            let emitted = emit_bytes(
                 global,
                 &out,
                 "CiphertextBlob",
                 &dk.ciphertext_blob,
                 json!({"KeyId": dk.key_id, "PlaintextFile": plaintext_out}),
-            )?;
+            );
+            if emitted.is_err() && plaintext_out != stdout {
+                let _ = std::fs::remove_file(&plaintext_out);
+            }
+            emitted?;
         }
         KmsCommand::GenerateDataKeyWithoutPlaintext { key, data_key } => {
             let ctx = context(&data_key.context.encryption_context);
@@ -607,8 +621,9 @@ pub fn run(args: KmsArgs, global: &Global) -> CliResult {
             encryption_algorithm,
             out,
         } => {
-            let plaintext =
-                crate::secret::SecretBytes::copy_from(&read_input(&plaintext_file, "plaintext")?);
+            let plaintext = crate::secret::SecretBytes::copy_from(&zeroize::Zeroizing::new(
+                read_input(&plaintext_file, "plaintext")?,
+            ));
             let e = kms.encrypt(
                 &key,
                 plaintext.expose(),

@@ -153,7 +153,8 @@ pub fn run(args: VolumeArgs, global: &Global) -> CliResult {
         VolumeCommand::Export { path, to, db_id } => {
             let kms = open_kms(global)?;
             let vol = attach(&path, &kms, db_id, true)?;
-            let out = create_new(&to, 0o644)?;
+            // The plaintext of the whole volume: only its owner may read it.
+            let out = create_new(&to, 0o600)?;
             out.set_len(vol.size()).map_err(|source| VolumeError::Io {
                 path: to.clone(),
                 source,

@@ -62,8 +62,9 @@ impl RootKeys {
     pub fn derive(root: &SecretBytes) -> Self {
         let sub = |label: &str| {
             let mut out = SecretBytes::zeroed(32);
-            out.expose_mut()
-                .copy_from_slice(&mac(root, &[label.as_bytes()]));
+            let mut tag = mac(root, &[label.as_bytes()]);
+            out.expose_mut().copy_from_slice(&tag);
+            zeroize::Zeroize::zeroize(&mut tag);
             out
         };
         let fingerprint = to_hex(&mac(root, &[b"nbdcrypt kms root key fingerprint v1"])[..8]);

@@ -20,9 +20,16 @@ const ZERO_CHUNK: usize = 1 << 20;
 
 impl Volume {
     /// Reads plaintext at any offset and length within the volume.
+    ///
+    /// Holds the stripes shared: a partial write rewrites whole sectors,
+    /// bytes it was not asked to write included, and the page cache does not
+    /// promise that a concurrent `pread` sees such a sector whole (ext4 and
+    /// block devices take no lock for buffered reads); a torn sector would
+    /// decrypt to garbage.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let (start, end) = self.covering_sectors(offset, buf.len() as u64);
+        let _held = self.locks.lock(start, end - start, false);
         if start == offset && end == offset + buf.len() as u64 {
             return self.read_sectors(start, buf);
         }
