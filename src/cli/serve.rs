@@ -40,6 +40,14 @@ pub struct ServeArgs {
     /// `nbdcrypt admin`): mode 0600, served to this user only.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Most bytes of requests in flight in all connections together: the
+    /// bound on the server's request memory, whatever the clients do.
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    max_inflight_total: u64,
+    /// Seconds a client may leave its replies unread before it is
+    /// disconnected (its requests hold memory until their replies are out).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    reply_timeout: u64,
 }
 
 pub fn run(args: ServeArgs, global: &Global) -> CliResult {
@@ -118,6 +126,8 @@ pub fn run(args: ServeArgs, global: &Global) -> CliResult {
             max_connections: args.max_connections,
             max_request_bytes: 32 << 20,
             max_inflight_bytes_per_connection: args.max_inflight as usize,
+            max_inflight_bytes_total: args.max_inflight_total as usize,
+            reply_timeout: std::time::Duration::from_secs(args.reply_timeout),
             ..Limits::default()
         };
         // One signal stops both servers; so does the NBD server's end,

@@ -4,13 +4,46 @@
 //! per request. Reused buffers hold stale data of the same connection,
 //! which every user overwrites in full before anything is sent.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-/// Free buffers, up to a total capacity.
+/// The idle bytes all the pools of a server keep, against a server-wide
+/// cap: each connection's pool is bounded, but without this the pools of
+/// many connections that once made large requests and then idle would add
+/// up to gigabytes.
+#[derive(Debug)]
+pub struct PoolBudget {
+    max_bytes: usize,
+    bytes: AtomicUsize,
+}
+
+impl PoolBudget {
+    pub fn new(max_bytes: usize) -> Arc<Self> {
+        Arc::new(PoolBudget {
+            max_bytes,
+            bytes: AtomicUsize::new(0),
+        })
+    }
+
+    fn reserve(&self, n: usize) -> bool {
+        self.bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b + n <= self.max_bytes).then_some(b + n)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// Free buffers, up to a total capacity, and within the server's budget.
 #[derive(Debug)]
 pub struct BufferPool {
     max_bytes: usize,
     free: Mutex<Free>,
+    server: Arc<PoolBudget>,
 }
 
 #[derive(Debug, Default)]
@@ -20,11 +53,13 @@ struct Free {
 }
 
 impl BufferPool {
-    /// A pool that keeps at most `max_bytes` of capacity while idle.
-    pub fn new(max_bytes: usize) -> Self {
+    /// A pool that keeps at most `max_bytes` of capacity while idle, and
+    /// no more than `server` has room for.
+    pub fn new(max_bytes: usize, server: Arc<PoolBudget>) -> Self {
         BufferPool {
             max_bytes,
             free: Mutex::new(Free::default()),
+            server,
         }
     }
 
@@ -37,6 +72,7 @@ impl BufferPool {
             found.map(|i| {
                 let buf = free.buffers.swap_remove(i);
                 free.bytes -= buf.capacity();
+                self.server.release(buf.capacity());
                 buf
             })
         };
@@ -56,10 +92,17 @@ impl BufferPool {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.bytes + buf.capacity() <= self.max_bytes {
+        if free.bytes + buf.capacity() <= self.max_bytes && self.server.reserve(buf.capacity()) {
             free.bytes += buf.capacity();
             free.buffers.push(buf);
         }
+    }
+}
+
+impl Drop for BufferPool {
+    fn drop(&mut self) {
+        let free = self.free.get_mut().unwrap_or_else(|e| e.into_inner());
+        self.server.release(free.bytes);
     }
 }
 
@@ -69,7 +112,8 @@ mod tests {
 
     #[test]
     fn buffers_are_reused_up_to_the_bound() {
-        let pool = BufferPool::new(8192);
+        let server = PoolBudget::new(1 << 20);
+        let pool = BufferPool::new(8192, server.clone());
         let mut a = pool.take(4096);
         assert_eq!(a.len(), 4096);
         a[0] = 7;
@@ -96,5 +140,24 @@ mod tests {
         );
         let big = pool.take(8192);
         assert!(big.iter().all(|&b| b == 0), "nothing large enough: fresh");
+        assert_eq!(server.bytes.load(Ordering::SeqCst), 8192);
+        drop(pool);
+        assert_eq!(server.bytes.load(Ordering::SeqCst), 0, "given back");
+    }
+
+    #[test]
+    fn the_server_budget_caps_all_pools_together() {
+        let server = PoolBudget::new(8192);
+        let (a, b) = (
+            BufferPool::new(8192, server.clone()),
+            BufferPool::new(8192, server.clone()),
+        );
+        a.give(vec![0; 4096]);
+        b.give(vec![0; 4096]);
+        b.give(vec![0; 4096]);
+        assert_eq!(b.free.lock().unwrap().bytes, 4096, "over the server's cap");
+        a.take(4096);
+        b.give(vec![0; 4096]);
+        assert_eq!(b.free.lock().unwrap().bytes, 8192, "room again");
     }
 }

@@ -4,22 +4,27 @@
 //! single writer task, so replies go out in completion order (proto.md
 //! allows any order) and never interleave.
 //!
-//! Memory is bounded per connection: before a request's buffer exists the
-//! reader takes its size from a semaphore of
-//! `Limits::max_inflight_bytes_per_connection`, and gives it back only once
-//! the reply is written. At the bound, the reader stops reading, and the
+//! Memory is bounded per connection and per server: before a request's
+//! buffer exists the reader takes its size from a semaphore of
+//! `Limits::max_inflight_bytes_per_connection`, then from the server's of
+//! `Limits::max_inflight_bytes_total`, and gives both back only once the
+//! reply is written. At either bound, the reader stops reading, and the
 //! client's writes back up in its socket.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Sleep;
 use tracing::{debug, warn};
 
-use super::buffers::BufferPool;
+use super::buffers::{BufferPool, PoolBudget};
 use super::handshake::{Session, read_message};
 use super::proto::ProtoError;
 use super::proto::transmission::{
@@ -55,8 +60,33 @@ pub enum ConnectionError {
     Protocol(#[from] ProtoError),
 }
 
-/// One request's reply, on its way to the writer. The permit is the
-/// request's share of the in-flight bound, released once the reply is out.
+/// What the connections of one server share to bound its memory as a
+/// whole: the in-flight bytes of all requests, and the idle bytes of all
+/// buffer pools (at most half as much).
+#[derive(Debug, Clone)]
+pub struct ServerMemory {
+    inflight: Arc<Semaphore>,
+    pooled: Arc<PoolBudget>,
+}
+
+impl ServerMemory {
+    pub fn new(limits: &Limits) -> Self {
+        ServerMemory {
+            inflight: Arc::new(Semaphore::new(limits.max_inflight_bytes_total)),
+            pooled: PoolBudget::new(limits.max_inflight_bytes_total / 2),
+        }
+    }
+}
+
+/// A request's share of the connection's and the server's in-flight
+/// bounds, released when dropped.
+struct Charge {
+    _connection: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
+}
+
+/// One request's reply, on its way to the writer. The charge is released
+/// once the reply is out.
 struct Reply {
     cookie: u64,
     command: Command,
@@ -64,7 +94,7 @@ struct Reply {
     result: Result<Outcome, NbdError>,
     /// A read's data (for `Outcome::Data`), else empty.
     buffer: Vec<u8>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Charge,
 }
 
 /// What the reader found next.
@@ -73,12 +103,12 @@ enum Incoming {
         header: RequestHeader,
         op: Op,
         payload: Vec<u8>,
-        permit: OwnedSemaphorePermit,
+        permit: Charge,
     },
     Refused {
         header: RequestHeader,
         error: NbdError,
-        permit: OwnedSemaphorePermit,
+        permit: Charge,
     },
     Disconnect,
     Closed,
@@ -97,13 +127,15 @@ enum End {
 }
 
 /// Serves requests until the client disconnects, the stream fails, or the
-/// server shuts down. `tracker` is held by every task that may still touch
-/// the backend, so the server knows when they are all gone.
+/// server shuts down. `memory` is shared by all the server's connections.
+/// `tracker` is held by every task that may still touch the backend, so the
+/// server knows when they are all gone.
 pub async fn run<R, W>(
     mut reader: R,
     writer: W,
     session: Session,
     limits: &Limits,
+    memory: ServerMemory,
     shutdown: &mut Shutdown,
     tracker: mpsc::Sender<()>,
 ) -> Result<(), ConnectionError>
@@ -118,9 +150,10 @@ where
     // of them for a steady stream of requests.
     let pool = Arc::new(BufferPool::new(
         limits.max_inflight_bytes_per_connection / 2,
+        memory.pooled.clone(),
     ));
     let mut writer = tokio::spawn(write_replies(
-        writer,
+        Stalling::new(writer, limits.reply_timeout),
         queue,
         session.structured,
         session.meta_context.unwrap_or_default(),
@@ -141,7 +174,7 @@ where
                 };
                 break End::Failed(error.into());
             }
-            incoming = read_request(&mut reader, &session, &inflight, &pool) => incoming,
+            incoming = read_request(&mut reader, &session, [&inflight, &memory.inflight], &pool) => incoming,
         };
         match incoming {
             Ok(Incoming::Request {
@@ -247,7 +280,7 @@ where
 async fn read_request<R: AsyncRead + Unpin>(
     reader: &mut R,
     session: &Session,
-    inflight: &Arc<Semaphore>,
+    [inflight, budget]: [&Arc<Semaphore>; 2],
     pool: &BufferPool,
 ) -> Result<Incoming, ConnectionError> {
     let mut bytes = [0; RequestHeader::LEN];
@@ -263,12 +296,13 @@ async fn read_request<R: AsyncRead + Unpin>(
     // is charged too: a client that sends nothing but bad requests and
     // reads no replies is bounded as well.
     let charge = validated.as_ref().map_or(0, Op::payload_bytes) + REQUEST_OVERHEAD;
-    // Never more than the semaphore holds: serve() checks the limits.
-    let permit = inflight
-        .clone()
-        .acquire_many_owned(charge as u32)
-        .await
-        .expect("the in-flight semaphore is never closed");
+    // Never more than the semaphores hold: serve() checks the limits. The
+    // connection's own bound first, so that a connection at its bound
+    // holds none of the server's while it waits.
+    let permit = Charge {
+        _connection: take(inflight, charge).await,
+        _server: take(budget, charge).await,
+    };
     let op = match validated {
         Ok(op) => op,
         Err(error) => {
@@ -291,6 +325,14 @@ async fn read_request<R: AsyncRead + Unpin>(
         payload,
         permit,
     })
+}
+
+async fn take(semaphore: &Arc<Semaphore>, bytes: usize) -> OwnedSemaphorePermit {
+    semaphore
+        .clone()
+        .acquire_many_owned(bytes as u32)
+        .await
+        .expect("the in-flight semaphores are never closed")
 }
 
 async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<()> {
@@ -325,6 +367,96 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         writer.flush().await?;
     }
     writer.shutdown().await
+}
+
+/// A writer that fails once a write or flush has been waiting for
+/// `stall` without the client taking a byte. A client that stops reading
+/// its replies would otherwise keep its in-flight bytes, and its share of
+/// the server's, forever, and a handful of them could starve every other
+/// client of the server-wide bound.
+struct Stalling<W> {
+    inner: W,
+    stall: Duration,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl<W> Stalling<W> {
+    fn new(inner: W, stall: Duration) -> Self {
+        Stalling {
+            inner,
+            stall,
+            deadline: None,
+        }
+    }
+
+    /// Called when the inner writer is not ready: pending until the
+    /// deadline of this wait, then an error.
+    fn waiting<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let stall = self.stall;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        if deadline.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.deadline = None;
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client took no reply data for {stall:?}; disconnecting it"),
+        )))
+    }
+
+    fn progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match poll {
+            Poll::Ready(result) => {
+                self.deadline = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.waiting(cx),
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Stalling<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.progress(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.progress(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_flush(cx);
+        this.progress(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.progress(cx, poll)
+    }
 }
 
 /// Encodes one reply: simple replies unless structured replies were
@@ -421,7 +553,17 @@ mod tests {
                 max_request_bytes: session.max_request_bytes,
                 ..Limits::default()
             };
-            run(r, w, session, &limits, &mut Shutdown::new(stopped), tracker).await
+            let memory = ServerMemory::new(&limits);
+            run(
+                r,
+                w,
+                session,
+                &limits,
+                memory,
+                &mut Shutdown::new(stopped),
+                tracker,
+            )
+            .await
         });
         Harness {
             client,
@@ -633,11 +775,14 @@ mod tests {
         let s = session(backend, false, false);
         let server = tokio::spawn(async move {
             let (r, w) = tokio::io::split(server);
+            let limits = Limits::default();
+            let memory = ServerMemory::new(&limits);
             run(
                 r,
                 w,
                 s,
-                &Limits::default(),
+                &limits,
+                memory,
                 &mut Shutdown::new(stopped),
                 tracker,
             )

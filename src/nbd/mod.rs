@@ -121,10 +121,21 @@ pub struct Limits {
     /// the bound. At least `max_request_bytes` plus 4 KiB. Idle buffers kept
     /// for reuse add at most half as much again.
     pub max_inflight_bytes_per_connection: usize,
+    /// Payload bytes all connections together may have in flight, counted
+    /// as per connection; a request waits for both bounds. Without it the
+    /// server's memory grows with the number of connections
+    /// (`max_connections` x the per-connection bound, gigabytes), and a
+    /// few clients that flood reads and never take the replies can exhaust
+    /// the host. At least `max_request_bytes` plus 4 KiB.
+    pub max_inflight_bytes_total: usize,
     /// How long a client may take from connecting to entering the
     /// transmission phase, so that clients stuck in the handshake cannot
     /// hold connection slots forever.
     pub handshake_timeout: Duration,
+    /// How long a client may leave the server's replies untaken (its
+    /// socket full, no byte read) before it is disconnected; its requests
+    /// hold in-flight bytes until their replies are out.
+    pub reply_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -133,7 +144,9 @@ impl Default for Limits {
             max_connections: 64,
             max_request_bytes: 32 << 20,
             max_inflight_bytes_per_connection: 64 << 20,
+            max_inflight_bytes_total: 512 << 20,
             handshake_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(30),
         }
     }
 }

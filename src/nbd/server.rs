@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::connection::{self, REQUEST_OVERHEAD};
+use super::connection::{self, REQUEST_OVERHEAD, ServerMemory};
 use super::handshake::{self, Negotiated};
 use super::proto::MAX_STRING_LEN;
 use super::request::Op;
@@ -48,6 +48,7 @@ pub async fn serve(
     let (notify, stop) = watch::channel(false);
     let (tracker, mut all_done) = mpsc::channel::<()>(1);
     let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let memory = ServerMemory::new(&shared.limits);
 
     let mut accepting = JoinSet::new();
     for listener in listeners {
@@ -55,6 +56,7 @@ pub async fn serve(
             listener,
             shared.clone(),
             slots.clone(),
+            memory.clone(),
             Shutdown::new(stop.clone()),
             tracker.clone(),
         ));
@@ -118,6 +120,11 @@ fn check_config(exports: &[Export], limits: &Limits, listeners: &[Listener]) -> 
     if listeners.is_empty() {
         return Err(invalid("no socket to listen on: give at least one".into()));
     }
+    if limits.reply_timeout.is_zero() || limits.handshake_timeout.is_zero() {
+        return Err(invalid(
+            "the handshake and reply timeouts must be longer than zero".into(),
+        ));
+    }
     if limits.max_connections == 0 {
         return Err(invalid("the connection limit must be at least 1".into()));
     }
@@ -158,6 +165,12 @@ fn check_config(exports: &[Export], limits: &Limits, listeners: &[Listener]) -> 
             limits.max_inflight_bytes_per_connection
         )));
     }
+    if limits.max_inflight_bytes_total < largest {
+        return Err(invalid(format!(
+            "the server-wide in-flight bound of {} bytes cannot hold one request of the maximum size ({largest} bytes with overhead)",
+            limits.max_inflight_bytes_total
+        )));
+    }
     Ok(())
 }
 
@@ -186,6 +199,7 @@ async fn accept_loop(
     listener: Listener,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
+    memory: ServerMemory,
     mut shutdown: Shutdown,
     tracker: mpsc::Sender<()>,
 ) {
@@ -213,6 +227,7 @@ async fn accept_loop(
         let client = serve_client(
             stream,
             shared.clone(),
+            memory.clone(),
             shutdown.clone(),
             tracker.clone(),
             slot,
@@ -224,6 +239,7 @@ async fn accept_loop(
 async fn serve_client(
     stream: Stream,
     shared: Arc<Shared>,
+    memory: ServerMemory,
     shutdown: Shutdown,
     tracker: mpsc::Sender<()>,
     slot: OwnedSemaphorePermit,
@@ -236,11 +252,11 @@ async fn serve_client(
                 debug!(error = %e, "could not set TCP_NODELAY");
             }
             let (reader, writer) = stream.into_split();
-            serve_halves(reader, writer, &shared, shutdown, tracker).await;
+            serve_halves(reader, writer, &shared, memory, shutdown, tracker).await;
         }
         Stream::Unix(stream) => {
             let (reader, writer) = stream.into_split();
-            serve_halves(reader, writer, &shared, shutdown, tracker).await;
+            serve_halves(reader, writer, &shared, memory, shutdown, tracker).await;
         }
     }
     drop(slot);
@@ -251,6 +267,7 @@ async fn serve_halves<R, W>(
     reader: R,
     mut writer: W,
     shared: &Shared,
+    memory: ServerMemory,
     mut shutdown: Shutdown,
     tracker: mpsc::Sender<()>,
 ) where
@@ -276,7 +293,17 @@ async fn serve_halves<R, W>(
             return info!(timeout = ?limits.handshake_timeout, "handshake took too long; closing");
         }
     };
-    if let Err(e) = connection::run(reader, writer, session, limits, &mut shutdown, tracker).await {
+    if let Err(e) = connection::run(
+        reader,
+        writer,
+        session,
+        limits,
+        memory,
+        &mut shutdown,
+        tracker,
+    )
+    .await
+    {
         info!(error = %e, "connection ended");
     }
 }
@@ -321,6 +348,11 @@ mod tests {
             ..ok.clone()
         };
         assert!(refused(vec![disk("a", 512)], small).contains("in-flight"));
+        let small_total = Limits {
+            max_inflight_bytes_total: ok.max_request_bytes as usize,
+            ..ok.clone()
+        };
+        assert!(refused(vec![disk("a", 512)], small_total).contains("server-wide"));
         let none = Limits {
             max_connections: 0,
             ..ok.clone()

@@ -212,6 +212,13 @@ impl Client {
         Ok(out)
     }
 
+    /// The socket, for a test that goes on byte by byte.
+    pub fn into_stream(self) -> UnixStream {
+        self.writer
+            .into_inner()
+            .expect("nothing is left to send after a reply")
+    }
+
     /// `NBD_CMD_DISC`, then close.
     pub fn disconnect(mut self) -> io::Result<()> {
         self.send(Command::DISC, CommandFlags::EMPTY, 0, 0, 0, &[])?;
