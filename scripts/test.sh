@@ -10,7 +10,7 @@ declare -A NEEDS=(
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=libnbd-bin
   [nbdkit]=nbdkit [fio]=fio [qemu-img]=qemu-utils [qemu-io]=qemu-utils
   [fusermount3]=fuse3 [cryptsetup]=cryptsetup-bin [mkfs.ext4]=e2fsprogs
-  [e2fsck]=e2fsprogs [losetup]=mount [jq]=jq
+  [e2fsck]=e2fsprogs [losetup]=mount [jq]=jq [strace]=strace [setpriv]=util-linux
 )
 missing=()
 for cmd in "${!NEEDS[@]}"; do
