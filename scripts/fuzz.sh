@@ -28,6 +28,9 @@ else
 fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 work=${FUZZ_WORK:-${TMPDIR:-/tmp}/nbdcrypt-fuzz}
+# The header target writes (and fsyncs) a scratch file per input: keep it
+# in memory when the machine has a tmpfs.
+[[ -d /dev/shm ]] && export TMPDIR=/dev/shm
 
 cargo "${toolchain[@]}" fuzz build -O
 for target in "${targets[@]}"; do

@@ -11,6 +11,7 @@ declare -A NEEDS=(
   [nbdkit]=nbdkit [fio]=fio [qemu-img]=qemu-utils [qemu-io]=qemu-utils
   [fusermount3]=fuse3 [cryptsetup]=cryptsetup-bin [mkfs.ext4]=e2fsprogs
   [e2fsck]=e2fsprogs [filefrag]=e2fsprogs [mkfs.xfs]=xfsprogs [losetup]=mount [jq]=jq
+  [strace]=strace [setpriv]=util-linux
 )
 missing=()
 for cmd in "${!NEEDS[@]}"; do

@@ -118,17 +118,31 @@ pub fn harden_process() {
     });
 }
 
+/// Locks the memory of a value that holds key material in a form of its
+/// own (a cipher's expanded round keys, which are the key), so that it
+/// never reaches swap either. The value must not move afterwards: box it
+/// first and lock it where it lives. Like [`SecretBytes`], the pages stay
+/// locked; the value's own `Drop` wipes it.
+pub fn lock_value<T>(value: &T) {
+    lock_region((value as *const T).cast(), std::mem::size_of::<T>());
+}
+
 /// Locks the pages of `bytes` in RAM so they are never written to swap.
 /// RLIMIT_MEMLOCK may forbid it; a warning is then given once rather than
 /// failing, as GnuPG and cryptsetup do.
 fn lock(bytes: &[u8]) {
-    if bytes.is_empty() {
+    lock_region(bytes.as_ptr(), bytes.len());
+}
+
+fn lock_region(start: *const u8, len: usize) {
+    if len == 0 {
         return;
     }
-    let ptr = std::ptr::NonNull::new(bytes.as_ptr() as *mut std::ffi::c_void);
+    let ptr = std::ptr::NonNull::new(start as *mut std::ffi::c_void);
     let Some(ptr) = ptr else { return };
-    // SAFETY: the pointer and length describe a live allocation we own.
-    if let Err(e) = unsafe { nix::sys::mman::mlock(ptr, bytes.len()) } {
+    // SAFETY: the pointer and length describe a live allocation or value
+    // of the caller's; mlock only changes how its pages are kept.
+    if let Err(e) = unsafe { nix::sys::mman::mlock(ptr, len) } {
         static WARN: Once = Once::new();
         WARN.call_once(|| {
             tracing::warn!("could not lock key memory (mlock: {e}); keys may reach swap")
@@ -156,6 +170,37 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert_ne!(a, b);
         assert_eq!(a, a.clone());
+    }
+
+    /// kB locked in the mapping of /proc/self/smaps that holds `address`.
+    fn locked_kb_at(address: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((start, end)) = first.split_once('-')
+                && let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                )
+            {
+                inside = (start..end).contains(&address);
+            } else if inside && line.starts_with("Locked:") {
+                return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            }
+        }
+        panic!("{address:#x} is in no mapping");
+    }
+
+    #[test]
+    fn a_locked_value_sits_in_locked_memory() {
+        // 64 KiB, so that the locked amount of its mapping grows by at
+        // least 60 kB whatever else the mapping holds.
+        let cipher = Box::new([0x42u8; 1 << 16]);
+        let before = locked_kb_at(cipher.as_ptr() as usize);
+        lock_value(&*cipher);
+        let after = locked_kb_at(cipher.as_ptr() as usize);
+        assert!(after >= before + 60, "{before} kB, then {after} kB");
     }
 
     #[test]

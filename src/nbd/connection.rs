@@ -756,6 +756,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_that_takes_no_replies_is_disconnected_after_the_reply_timeout() {
+        let (mut client, server) = duplex(4096);
+        let (_stop, stopped) = watch::channel(false);
+        let (tracker, _) = mpsc::channel(1);
+        let limits = Limits {
+            reply_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let session = session(MemBackend::new(1 << 20, 512, true), false, false);
+        let server = tokio::spawn(async move {
+            let (r, w) = tokio::io::split(server);
+            let memory = ServerMemory::new(&limits);
+            let mut shutdown = Shutdown::new(stopped);
+            run(r, w, session, &limits, memory, &mut shutdown, tracker).await
+        });
+        // Reads whose replies fill the pipe; none of them is ever read.
+        for cookie in 0..8 {
+            request(&mut client, Command::READ, NONE, cookie, 0, 65536, &[]).await;
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the connection ends by itself")
+            .unwrap();
+        assert!(
+            matches!(&ended, Err(ConnectionError::Io(e)) if e.kind() == io::ErrorKind::TimedOut),
+            "{ended:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_client_gone_mid_payload_ends_the_connection() {
         let mut h = start(session(MemBackend::new(1 << 16, 512, true), false, false));
         request(&mut h.client, Command::WRITE, NONE, 1, 0, 4096, &[1; 100]).await;

@@ -43,7 +43,8 @@ pub struct Volume {
     path: PathBuf,
     backing: Backing,
     header: Header,
-    cipher: SectorCipher,
+    /// Boxed so that it stays where it was locked in memory.
+    cipher: Box<SectorCipher>,
     sector_size: u64,
     data_offset: u64,
     size: u64,
@@ -61,6 +62,9 @@ impl Volume {
         cipher: SectorCipher,
         opts: &AttachOptions,
     ) -> Self {
+        // The round keys are the key: locked like it, where they stay.
+        let cipher = Box::new(cipher);
+        crate::secret::lock_value(&*cipher);
         Self {
             path,
             sector_size: u64::from(header.sector_size()),
