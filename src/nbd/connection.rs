@@ -1,8 +1,9 @@
 //! The transmission phase of one connection. The reading side parses and
-//! validates requests one after another; each valid request runs on the
-//! blocking pool, concurrently with the others, and hands its reply to a
-//! single writer task, so replies go out in completion order (proto.md
-//! allows any order) and never interleave.
+//! validates requests one after another. Small reads whose data is in the
+//! page cache it serves itself (see [`Inline`]); every other request runs on
+//! the blocking pool, concurrently with the others. Either way the reply
+//! goes to a single writer task, so replies go out in completion order
+//! (proto.md allows any order) and never interleave.
 //!
 //! Memory is bounded per connection: before a request's buffer exists the
 //! reader takes its size from a semaphore of
@@ -126,6 +127,13 @@ where
         session.meta_context.unwrap_or_default(),
         pool.clone(),
     ));
+    let worker = Worker {
+        session,
+        replies,
+        pool,
+        _tracker: tracker,
+    };
+    let inline = Inline;
 
     let end = loop {
         let incoming = tokio::select! {
@@ -141,7 +149,7 @@ where
                 };
                 break End::Failed(error.into());
             }
-            incoming = read_request(&mut reader, &session, &inflight, &pool) => incoming,
+            incoming = read_request(&mut reader, &worker, &inflight) => incoming,
         };
         match incoming {
             Ok(Incoming::Request {
@@ -150,40 +158,21 @@ where
                 payload,
                 permit,
             }) => {
-                let session = session.clone();
-                let replies = replies.clone();
-                let tracker = tracker.clone();
-                let pool = pool.clone();
-                tokio::task::spawn_blocking(move || {
-                    let backend = session.export.backend.as_ref();
-                    let mut buffer = match op {
-                        Op::Read { length, .. } => pool.take(length as usize),
+                let mut job = Job {
+                    header,
+                    op,
+                    buffer: match op {
+                        Op::Read { length, .. } => worker.pool.take(length as usize),
                         _ => payload,
-                    };
-                    let result = catch_unwind(AssertUnwindSafe(|| {
-                        op.execute(backend, session.size, &mut buffer)
-                    }))
-                    .unwrap_or_else(|_| {
-                        Err(NbdError::Io(io::Error::other("the backend panicked")))
-                    });
-                    if let Err(e) = &result {
-                        warn!(command = ?header.command, offset = header.offset, length = header.length, error = %e, "request failed");
+                    },
+                    permit,
+                };
+                match inline.run(&worker.session, &mut job) {
+                    Some(result) => {
+                        let _ = worker.replies.send(worker.finish(job, result));
                     }
-                    if !matches!(result, Ok(Outcome::Data)) {
-                        pool.give(std::mem::take(&mut buffer));
-                    }
-                    // The writer is gone only if the connection failed;
-                    // the reply then has nobody to go to.
-                    let _ = replies.send(Reply {
-                        cookie: header.cookie,
-                        command: header.command,
-                        offset: header.offset,
-                        result,
-                        buffer,
-                        _permit: permit,
-                    });
-                    drop(tracker);
-                });
+                    None => worker.spawn(job),
+                }
             }
             Ok(Incoming::Refused {
                 header,
@@ -191,7 +180,7 @@ where
                 permit,
             }) => {
                 debug!(command = ?header.command, offset = header.offset, length = header.length, error = %error, "request refused");
-                let _ = replies.send(Reply {
+                let _ = worker.replies.send(Reply {
                     cookie: header.cookie,
                     command: header.command,
                     offset: header.offset,
@@ -213,13 +202,13 @@ where
     };
     // The writer stops once every in-flight request has sent its reply and
     // dropped its sender.
-    drop(replies);
     match end {
         End::Failed(e) => {
             writer.abort();
             Err(e)
         }
         End::Disconnect | End::Shutdown => {
+            drop(worker);
             let finished = tokio::select! {
                 finished = &mut writer => finished,
                 () = async {
@@ -239,6 +228,99 @@ where
     }
 }
 
+/// A valid request on its way to the backend, with its buffer (a read's
+/// destination, a write's payload, else empty) and its share of the
+/// in-flight bound.
+struct Job {
+    header: RequestHeader,
+    op: Op,
+    buffer: Vec<u8>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// What requests need on their way to the writer; every blocking task holds
+/// a clone, and with it the server's tracker.
+#[derive(Clone)]
+struct Worker {
+    session: Arc<Session>,
+    replies: mpsc::UnboundedSender<Reply>,
+    pool: Arc<BufferPool>,
+    _tracker: mpsc::Sender<()>,
+}
+
+impl Worker {
+    /// Runs the request on the blocking pool and hands its reply to the
+    /// writer.
+    fn spawn(&self, mut job: Job) {
+        let worker = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let backend = worker.session.export.backend.as_ref();
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                job.op
+                    .execute(backend, worker.session.size, &mut job.buffer)
+            }))
+            .unwrap_or_else(|_| Err(panicked()));
+            let reply = worker.finish(job, result);
+            // The writer is gone only if the connection failed; the reply
+            // then has nobody to go to.
+            let _ = worker.replies.send(reply);
+        });
+    }
+
+    /// The reply to a request that ran; a buffer without data to send goes
+    /// back to the pool.
+    fn finish(&self, mut job: Job, result: Result<Outcome, NbdError>) -> Reply {
+        if let Err(e) = &result {
+            let h = &job.header;
+            warn!(command = ?h.command, offset = h.offset, length = h.length, error = %e, "request failed");
+        }
+        if !matches!(result, Ok(Outcome::Data)) {
+            self.pool.give(std::mem::take(&mut job.buffer));
+        }
+        Reply {
+            cookie: job.header.cookie,
+            command: job.header.command,
+            offset: job.header.offset,
+            result,
+            buffer: job.buffer,
+            _permit: job.permit,
+        }
+    }
+}
+
+fn panicked() -> NbdError {
+    NbdError::Io(io::Error::other("the backend panicked"))
+}
+
+/// Reads up to this size are tried on the reactor first. Measured on 4 KiB
+/// random reads at queue depth 32, server CPU per request: 20-25 µs through
+/// the blocking pool, 3.5-3.7 on the reactor (nbdkit's file plugin: 7.5-18
+/// in the same runs).
+const INLINE_MAX: u32 = 64 * 1024;
+
+/// Requests served on the reactor itself, which saves two thread handoffs
+/// each: small reads from the page cache, which never wait there
+/// (`RWF_NOWAIT`).
+struct Inline;
+
+impl Inline {
+    /// The request's result if it was served here; `None` sends it to the
+    /// blocking pool, unchanged.
+    fn run(&self, session: &Session, job: &mut Job) -> Option<Result<Outcome, NbdError>> {
+        let backend = session.export.backend.as_ref();
+        let buffer = &mut job.buffer;
+        match job.op {
+            Op::Read { offset, length } if length > 0 && length <= INLINE_MAX => {
+                // A failure or a panic is met again, and reported, on the
+                // blocking pool.
+                let read = catch_unwind(AssertUnwindSafe(|| backend.read_cached(offset, buffer)));
+                matches!(read, Ok(Ok(true))).then_some(Ok(Outcome::Data))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Reads the next request, validates it against the session, and for a
 /// valid one takes its share of the in-flight bound before reading its
 /// payload. A refused write's payload is read and dropped, a bounded piece at
@@ -246,10 +328,10 @@ where
 /// step.
 async fn read_request<R: AsyncRead + Unpin>(
     reader: &mut R,
-    session: &Session,
+    worker: &Worker,
     inflight: &Arc<Semaphore>,
-    pool: &BufferPool,
 ) -> Result<Incoming, ConnectionError> {
+    let session = &worker.session;
     let mut bytes = [0; RequestHeader::LEN];
     if !read_message(reader, &mut bytes).await? {
         return Ok(Incoming::Closed);
@@ -282,7 +364,7 @@ async fn read_request<R: AsyncRead + Unpin>(
     };
     let mut payload = Vec::new();
     if let Op::Write { length, .. } = op {
-        payload = pool.take(length as usize);
+        payload = worker.pool.take(length as usize);
         reader.read_exact(&mut payload).await?;
     }
     Ok(Incoming::Request {
@@ -569,6 +651,59 @@ mod tests {
         let (_, kind, _, payload) = chunk(c).await;
         assert_eq!(kind, ReplyType::ERROR);
         assert_eq!(&payload[..4], &95u32.to_be_bytes(), "ENOTSUP");
+    }
+
+    /// A burst of pipelined requests, without waiting for replies: small
+    /// reads are served on the reactor, the rest on the blocking pool. Every
+    /// request gets its own reply, in whatever order.
+    #[tokio::test]
+    async fn a_pipelined_burst_gets_every_reply() {
+        let backend = MemBackend::new(8 << 20, 512, true);
+        let mut h = start(session(backend.clone(), false, false));
+        let c = &mut h.client;
+        let sizes = [4096usize, 512, 200 << 10, 4096, 64 << 10, 1 << 20, 4096, 3];
+        let offset = |i: usize| (i as u64) << 20;
+        let data = |i: usize| vec![i as u8 + 1; sizes[i]];
+        for (i, _) in sizes.iter().enumerate() {
+            let flags = if i == 3 { CommandFlags::FUA } else { NONE };
+            let len = sizes[i] as u32;
+            request(c, Command::WRITE, flags, i as u64, offset(i), len, &data(i)).await;
+        }
+        let mut cookies: Vec<u64> = Vec::new();
+        for _ in &sizes {
+            let (error, cookie, _) = simple(c, 0).await;
+            assert_eq!(error, 0);
+            cookies.push(cookie);
+        }
+        cookies.sort_unstable();
+        assert_eq!(cookies, (0..sizes.len() as u64).collect::<Vec<_>>());
+        assert_eq!(backend.flushes(), 1, "the FUA write flushed");
+
+        for (i, &len) in sizes.iter().enumerate() {
+            request(
+                c,
+                Command::READ,
+                NONE,
+                100 + i as u64,
+                offset(i),
+                len as u32,
+                &[],
+            )
+            .await;
+        }
+        let mut seen = Vec::new();
+        for _ in &sizes {
+            let mut header = [0; 16];
+            c.read_exact(&mut header).await.unwrap();
+            assert_eq!(&header[4..8], &[0; 4], "no error");
+            let i = u64::from_be_bytes(header[8..16].try_into().unwrap()) as usize - 100;
+            let mut got = vec![0; sizes[i]];
+            c.read_exact(&mut got).await.unwrap();
+            assert!(got == data(i), "read {i} returns what write {i} wrote");
+            seen.push(i);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..sizes.len()).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -19,6 +19,10 @@ impl Backend for Volume {
         Volume::read(self, offset, buf)
     }
 
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        Volume::read_cached(self, offset, buf)
+    }
+
     fn write(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
         Volume::write(self, offset, data)
     }

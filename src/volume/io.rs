@@ -32,6 +32,26 @@ impl Volume {
         Ok(())
     }
 
+    /// Reads like [`Volume::read`] if every sector is in the page cache, and
+    /// says whether it did; `Ok(false)` leaves `buf` unspecified. Never waits
+    /// for the disk, so the server can call it on its reactor. Only
+    /// sector-aligned ranges: the rest always answers `Ok(false)`.
+    pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        self.check_range(offset, buf.len() as u64)?;
+        let (start, end) = self.covering_sectors(offset, buf.len() as u64);
+        if start != offset || end != offset + buf.len() as u64 {
+            return Ok(false);
+        }
+        if !self
+            .backing
+            .read_cached_at(buf, self.data_offset + offset)?
+        {
+            return Ok(false);
+        }
+        self.decrypt_sectors(offset, buf);
+        Ok(true)
+    }
+
     /// Writes plaintext at any offset and length within the volume. `data` is
     /// encrypted in place when it is sector-aligned, so the caller's buffer
     /// holds ciphertext afterwards. Durable after [`Volume::flush`].
@@ -137,11 +157,17 @@ impl Volume {
         Ok(())
     }
 
-    /// Reads and decrypts whole sectors starting at byte `offset`; all-zero
-    /// ciphertext sectors stay zero. Consecutive data sectors are decrypted in
-    /// one call, so the cipher can batch across them.
+    /// Reads and decrypts whole sectors starting at byte `offset`.
     fn read_sectors(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.backing.read_exact_at(buf, self.data_offset + offset)?;
+        self.decrypt_sectors(offset, buf);
+        Ok(())
+    }
+
+    /// Decrypts, in place, whole sectors read from byte `offset`; all-zero
+    /// ciphertext sectors stay zero. Consecutive data sectors are decrypted in
+    /// one call, so the cipher can batch across them.
+    fn decrypt_sectors(&self, offset: u64, buf: &mut [u8]) {
         let ss = self.sector_size as usize;
         let first = offset / self.sector_size;
         let sectors = buf.len() / ss;
@@ -159,7 +185,6 @@ impl Volume {
                 .decrypt(first + i as u64, &mut buf[i * ss..j * ss]);
             i = j;
         }
-        Ok(())
     }
 
     fn write_sectors(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {

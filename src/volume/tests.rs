@@ -198,3 +198,24 @@ fn read_only_and_out_of_range_are_refused() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     assert!(v.write(u64::MAX, &mut [0u8; 2]).is_err());
 }
+
+#[test]
+fn cached_reads_match_reads_or_decline() {
+    let f = fixture(1 << 20, 4096);
+    let v = open(&f, false, false);
+    v.write(8192, &mut pattern(8192, 3)).unwrap();
+    let mut buf = vec![0u8; 8192];
+    // Just written: the sectors are in the page cache.
+    assert!(v.read_cached(8192, &mut buf).unwrap());
+    assert_eq!(buf, pattern(8192, 3));
+    let mut small = vec![0u8; 100];
+    assert!(
+        !v.read_cached(8193, &mut small).unwrap(),
+        "unaligned ranges go the blocking way"
+    );
+    let mut fresh = vec![0xAAu8; 4096];
+    if v.read_cached(65536, &mut fresh).unwrap() {
+        assert!(fresh.iter().all(|&b| b == 0), "a hole reads as zeros");
+    }
+    assert!(v.read_cached(1 << 20, &mut buf).is_err(), "past the end");
+}
