@@ -27,6 +27,10 @@ impl Backend for Volume {
         Volume::write(self, offset, data)
     }
 
+    fn write_cached(&self, offset: u64, data: &mut [u8]) -> io::Result<bool> {
+        Volume::write_cached(self, offset, data)
+    }
+
     fn flush(&self) -> io::Result<()> {
         Volume::flush(self)
     }

@@ -82,6 +82,26 @@ impl Volume {
         self.write_sectors(start, &mut whole)
     }
 
+    /// Writes like [`Volume::write`] when that needs no read-modify-write
+    /// and no wait for a partial write's stripe, and says whether it did.
+    /// `Ok(false)` leaves `data` untouched; past that, `data` holds
+    /// ciphertext and an error is final. The write goes into the page cache,
+    /// which can still make it wait (dirty-page throttling, the journal).
+    pub fn write_cached(&self, offset: u64, data: &mut [u8]) -> io::Result<bool> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        let len = data.len() as u64;
+        let (start, end) = self.covering_sectors(offset, len);
+        if len == 0 || start != offset || end != offset + len {
+            return Ok(false);
+        }
+        let Some(_held) = self.locks.try_lock_shared(start, len) else {
+            return Ok(false);
+        };
+        self.write_sectors(start, data)?;
+        Ok(true)
+    }
+
     /// Makes everything written so far durable.
     pub fn flush(&self) -> io::Result<()> {
         self.backing.sync()

@@ -219,3 +219,26 @@ fn cached_reads_match_reads_or_decline() {
     }
     assert!(v.read_cached(1 << 20, &mut buf).is_err(), "past the end");
 }
+
+#[test]
+fn cached_writes_take_only_whole_sectors_without_waiting() {
+    let f = fixture(1 << 20, 4096);
+    let v = open(&f, false, false);
+    let mut data = pattern(8192, 5);
+    assert!(v.write_cached(4096, &mut data).unwrap());
+    let mut back = vec![0u8; 8192];
+    v.read(4096, &mut back).unwrap();
+    assert_eq!(back, pattern(8192, 5));
+    let mut odd = pattern(100, 6);
+    assert!(!v.write_cached(4097, &mut odd).unwrap());
+    assert_eq!(odd, pattern(100, 6), "declined: the payload is untouched");
+    {
+        let _partial_write = v.locks.lock(0, 4096, true);
+        let mut held = pattern(4096, 7);
+        assert!(!v.write_cached(0, &mut held).unwrap());
+        assert_eq!(held, pattern(4096, 7));
+    }
+    drop(v);
+    let ro = open(&f, true, false);
+    assert!(ro.write_cached(0, &mut pattern(4096, 8)).is_err());
+}
