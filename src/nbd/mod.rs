@@ -12,8 +12,9 @@
 //!   any I/O (bounds, flags, read-only), as one [`request::Op`].
 //! - [`error`]: [`NbdError`], and the one place where any error becomes one
 //!   of the protocol's error values.
-//! - [`connection`]: the transmission phase: requests run concurrently on
-//!   the blocking pool and are answered out of order by one writer, with
+//! - [`connection`]: the transmission phase: small reads and writes served
+//!   on the reactor from and into the page cache, the rest run concurrently
+//!   on the blocking pool, all answered out of order by one writer, with
 //!   in-flight bytes bounded per connection; [`buffers`] keeps payload
 //!   buffers for reuse.
 //! - [`server`]: accept loops on TCP and Unix sockets, the connection
@@ -42,8 +43,10 @@ pub use server::serve;
 
 /// What an export is served from. Calls block; the server runs them on
 /// the blocking pool (`spawn_blocking`), so crypto and disk I/O scale with
-/// cores and never stall the reactor. Calls on one backend run concurrently,
-/// from one or many connections.
+/// cores and never stall the reactor, except `read_cached` and
+/// `write_cached`, which it calls on the reactor for small requests: there a
+/// thread handoff would cost several times the work. Calls on one backend
+/// run concurrently, from one or many connections.
 pub trait Backend: Send + Sync + 'static {
     /// The export's size in bytes; fixed for the life of the server.
     fn size(&self) -> u64;
@@ -54,9 +57,25 @@ pub trait Backend: Send + Sync + 'static {
     /// `size()` (the backend does read-modify-write of partial sectors
     /// itself, safely against concurrent writers).
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Does what [`Backend::read`] does if it can without waiting for a
+    /// disk (the data is in memory), and says whether it did; after
+    /// `Ok(false)` the contents of `buf` are unspecified and the server
+    /// calls `read` on the blocking pool. The default never does.
+    fn read_cached(&self, _offset: u64, _buf: &mut [u8]) -> std::io::Result<bool> {
+        Ok(false)
+    }
     /// Writes `data` at `offset`. `data` may be clobbered (encrypted in
     /// place). Durable only after `flush()`.
     fn write(&self, offset: u64, data: &mut [u8]) -> std::io::Result<()>;
+    /// Does what [`Backend::write`] does if it can without reading anything
+    /// or waiting for another request, and says whether it did. After
+    /// `Ok(false)` `data` is untouched and the server calls `write` on the
+    /// blocking pool; an error is final (`data` may be clobbered). The write
+    /// may still wait for memory (the page cache), which the server watches
+    /// for. The default never does.
+    fn write_cached(&self, _offset: u64, _data: &mut [u8]) -> std::io::Result<bool> {
+        Ok(false)
+    }
     /// Makes every completed write durable, whichever connection made it.
     fn flush(&self) -> std::io::Result<()>;
     /// Whether TRIM may punch holes (the server's `--allow-discards`). When

@@ -19,8 +19,16 @@ impl Backend for Volume {
         Volume::read(self, offset, buf)
     }
 
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        Volume::read_cached(self, offset, buf)
+    }
+
     fn write(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
         Volume::write(self, offset, data)
+    }
+
+    fn write_cached(&self, offset: u64, data: &mut [u8]) -> io::Result<bool> {
+        Volume::write_cached(self, offset, data)
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -93,6 +93,37 @@ impl Backing {
         self.file.read_exact_at(buf, offset)
     }
 
+    /// Reads like `read_exact_at`, but only what is in the page cache
+    /// (`preadv2` with `RWF_NOWAIT`): `Ok(false)`, and `buf` unspecified, if
+    /// any of it would have to wait for the disk.
+    pub fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let iov = nix::libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, which is live and writable for the
+        // call's duration, and the descriptor is open.
+        let n = unsafe {
+            nix::libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                to_off(offset)?,
+                nix::libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(nix::libc::EAGAIN | nix::libc::EOPNOTSUPP | nix::libc::EINTR) => Ok(false),
+                _ => Err(err),
+            };
+        }
+        // Short: part of it is not cached (or past the end, which the
+        // blocking read reports).
+        Ok(n as usize == buf.len())
+    }
+
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
     }

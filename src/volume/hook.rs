@@ -62,6 +62,13 @@ impl Volume {
         *self.hook.hook.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
+    /// Whether a hook is installed: a change must then not be made where it
+    /// cannot wait (the hook may copy, or wait for a copy), so the reactor's
+    /// inline writes step aside. Read with the range's stripes held.
+    pub(super) fn hooked(&self) -> bool {
+        self.hook.active.load(Ordering::Acquire)
+    }
+
     /// Called by every change, with the range's stripes held.
     pub(super) fn before_change(&self, offset: u64, len: u64) {
         if !self.hook.active.load(Ordering::Acquire) {

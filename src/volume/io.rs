@@ -40,6 +40,31 @@ impl Volume {
         Ok(())
     }
 
+    /// Reads like [`Volume::read`] if every sector is in the page cache, and
+    /// says whether it did; `Ok(false)` leaves `buf` unspecified. Never waits
+    /// for the disk, so the server can call it on its reactor. Only
+    /// sector-aligned ranges: the rest always answers `Ok(false)`.
+    pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        self.check_range(offset, buf.len() as u64)?;
+        let (start, end) = self.covering_sectors(offset, buf.len() as u64);
+        if start != offset || end != offset + buf.len() as u64 {
+            return Ok(false);
+        }
+        // As in `read`: never a sector torn by a read-modify-write; declined
+        // rather than waited for, since the caller must not block.
+        let Some(_held) = self.locks.try_lock_shared(start, end - start) else {
+            return Ok(false);
+        };
+        if !self
+            .backing
+            .read_cached_at(buf, self.data_offset + offset)?
+        {
+            return Ok(false);
+        }
+        self.decrypt_sectors(offset, buf);
+        Ok(true)
+    }
+
     /// Writes plaintext at any offset and length within the volume. `data` is
     /// encrypted in place when it is sector-aligned, so the caller's buffer
     /// holds ciphertext afterwards. Durable after [`Volume::flush`].
@@ -70,6 +95,31 @@ impl Volume {
         let skip = (offset - start) as usize;
         whole[skip..skip + data.len()].copy_from_slice(data);
         self.write_sectors(start, &mut whole)
+    }
+
+    /// Writes like [`Volume::write`] when that needs no read-modify-write
+    /// and no wait for a partial write's stripe, and says whether it did.
+    /// `Ok(false)` leaves `data` untouched; past that, `data` holds
+    /// ciphertext and an error is final. The write goes into the page cache,
+    /// which can still make it wait (dirty-page throttling, the journal).
+    pub fn write_cached(&self, offset: u64, data: &mut [u8]) -> io::Result<bool> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        let len = data.len() as u64;
+        let (start, end) = self.covering_sectors(offset, len);
+        if len == 0 || start != offset || end != offset + len {
+            return Ok(false);
+        }
+        let Some(_held) = self.locks.try_lock_shared(start, len) else {
+            return Ok(false);
+        };
+        // A snapshot's copy-on-write hook may block; that is the blocking
+        // path's business, and it calls the hook.
+        if self.hooked() {
+            return Ok(false);
+        }
+        self.write_sectors(start, data)?;
+        Ok(true)
     }
 
     /// Makes everything written so far durable.
@@ -149,11 +199,17 @@ impl Volume {
         Ok(())
     }
 
-    /// Reads and decrypts whole sectors starting at byte `offset`; all-zero
-    /// ciphertext sectors stay zero. Consecutive data sectors are decrypted in
-    /// one call, so the cipher can batch across them.
+    /// Reads and decrypts whole sectors starting at byte `offset`.
     fn read_sectors(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.backing.read_exact_at(buf, self.data_offset + offset)?;
+        self.decrypt_sectors(offset, buf);
+        Ok(())
+    }
+
+    /// Decrypts, in place, whole sectors read from byte `offset`; all-zero
+    /// ciphertext sectors stay zero. Consecutive data sectors are decrypted in
+    /// one call, so the cipher can batch across them.
+    fn decrypt_sectors(&self, offset: u64, buf: &mut [u8]) {
         let ss = self.sector_size as usize;
         let first = offset / self.sector_size;
         let sectors = buf.len() / ss;
@@ -171,7 +227,6 @@ impl Volume {
                 .decrypt(first + i as u64, &mut buf[i * ss..j * ss]);
             i = j;
         }
-        Ok(())
     }
 
     fn write_sectors(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {

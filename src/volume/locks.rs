@@ -8,7 +8,7 @@
 //! writes hold them exclusively. Stripes are coarse (1 MiB) and hashed into a
 //! small table, so an aligned write takes one or two uncontended locks.
 
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 const GRANULE_SHIFT: u32 = 20;
 const STRIPES: usize = 64;
@@ -61,6 +61,24 @@ impl WriteLocks {
         self.lock(0, (STRIPES as u64) << GRANULE_SHIFT, true)
     }
 
+    /// Takes the stripes covering the range shared, as an aligned write
+    /// does, if that needs no wait; `None` while a partial write holds or
+    /// waits for any of them.
+    pub fn try_lock_shared(&self, offset: u64, len: u64) -> Option<Held<'_>> {
+        let mut held = Held {
+            _shared: Vec::new(),
+            _exclusive: Vec::new(),
+        };
+        for i in self.stripe_indices(offset, len) {
+            match self.stripes[i].try_read() {
+                Ok(guard) => held._shared.push(guard),
+                Err(TryLockError::Poisoned(e)) => held._shared.push(e.into_inner()),
+                Err(TryLockError::WouldBlock) => return None,
+            }
+        }
+        Some(held)
+    }
+
     fn stripe_indices(&self, offset: u64, len: u64) -> Vec<usize> {
         let first = offset >> GRANULE_SHIFT;
         let last = (offset + len.max(1) - 1) >> GRANULE_SHIFT;
@@ -97,8 +115,21 @@ mod tests {
         let b = l.lock(0, 4096, false);
         assert!(l.stripes[0].try_write().is_err());
         drop((a, b));
-        let _c = l.lock(0, 4096, true);
+        let c = l.lock(0, 4096, true);
         assert!(l.stripes[0].try_read().is_err());
+        assert!(
+            l.try_lock_shared(0, 4096).is_none(),
+            "a partial write holds it"
+        );
+        assert!(l.try_lock_shared(1 << 20, 4096).is_some(), "another stripe");
+        drop(c);
+        let d = l.try_lock_shared(0, 4096).expect("free again");
+        assert!(
+            l.try_lock_shared(0, 4096).is_some(),
+            "shared with aligned writes"
+        );
+        assert!(l.stripes[0].try_write().is_err());
+        drop(d);
     }
 
     #[test]

@@ -310,3 +310,65 @@ fn reads_never_see_a_sector_torn_by_a_concurrent_partial_write() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
 }
+
+#[test]
+fn cached_reads_match_reads_or_decline() {
+    let f = fixture(1 << 20, 4096);
+    let v = open(&f, false, false);
+    v.write(8192, &mut pattern(8192, 3)).unwrap();
+    let mut buf = vec![0u8; 8192];
+    // Just written: the sectors are in the page cache.
+    assert!(v.read_cached(8192, &mut buf).unwrap());
+    assert_eq!(buf, pattern(8192, 3));
+    let mut small = vec![0u8; 100];
+    assert!(
+        !v.read_cached(8193, &mut small).unwrap(),
+        "unaligned ranges go the blocking way"
+    );
+    let mut fresh = vec![0xAAu8; 4096];
+    if v.read_cached(65536, &mut fresh).unwrap() {
+        assert!(fresh.iter().all(|&b| b == 0), "a hole reads as zeros");
+    }
+    assert!(v.read_cached(1 << 20, &mut buf).is_err(), "past the end");
+}
+
+#[test]
+fn cached_writes_take_only_whole_sectors_without_waiting() {
+    let f = fixture(1 << 20, 4096);
+    let v = open(&f, false, false);
+    let mut data = pattern(8192, 5);
+    assert!(v.write_cached(4096, &mut data).unwrap());
+    let mut back = vec![0u8; 8192];
+    v.read(4096, &mut back).unwrap();
+    assert_eq!(back, pattern(8192, 5));
+    let mut odd = pattern(100, 6);
+    assert!(!v.write_cached(4097, &mut odd).unwrap());
+    assert_eq!(odd, pattern(100, 6), "declined: the payload is untouched");
+    {
+        let _partial_write = v.locks.lock(0, 4096, true);
+        let mut held = pattern(4096, 7);
+        assert!(!v.write_cached(0, &mut held).unwrap());
+        assert_eq!(held, pattern(4096, 7));
+    }
+    drop(v);
+    let ro = open(&f, true, false);
+    assert!(ro.write_cached(0, &mut pattern(4096, 8)).is_err());
+}
+
+/// An inline write would skip a snapshot's copy-on-write hook; while one is
+/// installed, inline writes step aside for the path that calls it.
+#[test]
+fn cached_writes_decline_while_a_snapshot_hook_is_installed() {
+    let f = fixture(1 << 20, 4096);
+    let v = open(&f, false, false);
+    let rec = Arc::new(Recorder {
+        calls: Default::default(),
+    });
+    v.install_hook(rec.clone()).unwrap();
+    let mut data = pattern(4096, 9);
+    assert!(!v.write_cached(0, &mut data).unwrap());
+    assert_eq!(data, pattern(4096, 9), "declined: the payload is untouched");
+    assert!(rec.calls.lock().unwrap().is_empty());
+    v.remove_hook();
+    assert!(v.write_cached(0, &mut data).unwrap());
+}
