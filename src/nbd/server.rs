@@ -44,11 +44,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     check_config(&exports, &limits, &listeners)?;
-    let shared = Arc::new(Shared { exports, limits });
+    let memory = ServerMemory::new(&limits);
+    let shared = Arc::new(Shared {
+        exports,
+        limits,
+        memory,
+    });
     let (notify, stop) = watch::channel(false);
     let (tracker, mut all_done) = mpsc::channel::<()>(1);
     let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
-    let memory = ServerMemory::new(&shared.limits);
 
     let mut accepting = JoinSet::new();
     for listener in listeners {
@@ -56,7 +60,6 @@ pub async fn serve(
             listener,
             shared.clone(),
             slots.clone(),
-            memory.clone(),
             Shutdown::new(stop.clone()),
             tracker.clone(),
         ));
@@ -91,6 +94,7 @@ pub async fn serve(
 struct Shared {
     exports: Vec<Export>,
     limits: Limits,
+    memory: ServerMemory,
 }
 
 /// A connection's view of the shutdown signal.
@@ -199,7 +203,6 @@ async fn accept_loop(
     listener: Listener,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
-    memory: ServerMemory,
     mut shutdown: Shutdown,
     tracker: mpsc::Sender<()>,
 ) {
@@ -227,7 +230,6 @@ async fn accept_loop(
         let client = serve_client(
             stream,
             shared.clone(),
-            memory.clone(),
             shutdown.clone(),
             tracker.clone(),
             slot,
@@ -239,7 +241,6 @@ async fn accept_loop(
 async fn serve_client(
     stream: Stream,
     shared: Arc<Shared>,
-    memory: ServerMemory,
     shutdown: Shutdown,
     tracker: mpsc::Sender<()>,
     slot: OwnedSemaphorePermit,
@@ -252,11 +253,11 @@ async fn serve_client(
                 debug!(error = %e, "could not set TCP_NODELAY");
             }
             let (reader, writer) = stream.into_split();
-            serve_halves(reader, writer, &shared, memory, shutdown, tracker).await;
+            serve_halves(reader, writer, &shared, shutdown, tracker).await;
         }
         Stream::Unix(stream) => {
             let (reader, writer) = stream.into_split();
-            serve_halves(reader, writer, &shared, memory, shutdown, tracker).await;
+            serve_halves(reader, writer, &shared, shutdown, tracker).await;
         }
     }
     drop(slot);
@@ -267,7 +268,6 @@ async fn serve_halves<R, W>(
     reader: R,
     mut writer: W,
     shared: &Shared,
-    memory: ServerMemory,
     mut shutdown: Shutdown,
     tracker: mpsc::Sender<()>,
 ) where
@@ -293,6 +293,7 @@ async fn serve_halves<R, W>(
             return info!(timeout = ?limits.handshake_timeout, "handshake took too long; closing");
         }
     };
+    let memory = shared.memory.clone();
     if let Err(e) = connection::run(
         reader,
         writer,

@@ -275,6 +275,18 @@ pub fn read_header(path: &Path, file: &File) -> Result<Header, VolumeError> {
 impl Volume {
     /// Opens and unlocks a volume for I/O.
     pub fn open(path: &Path, kms: &dyn Kms, opts: &AttachOptions) -> Result<Self, VolumeError> {
+        let volume = Self::open_and_unlock(path, kms, opts);
+        // Unlocking left copies of keys in the stack frames it used.
+        crate::secret::scrub_stack();
+        volume
+    }
+
+    #[inline(never)]
+    fn open_and_unlock(
+        path: &Path,
+        kms: &dyn Kms,
+        opts: &AttachOptions,
+    ) -> Result<Self, VolumeError> {
         let io = |source| VolumeError::Io {
             path: path.to_owned(),
             source,
