@@ -1,25 +1,70 @@
 #!/usr/bin/env bash
-# Benchmarks, printed as one table.
+# Benchmarks, printed as tables.
 #
 # Sector cipher: the criterion bench (benches/xts.rs: our AES-XTS both ways at
 # 4096- and 512-byte sectors, raw AES-256-ECB through the same `aes` crate,
 # the xts-mode crate) beside `openssl speed -evp aes-256-xts` at the same
-# sizes. The machine this runs on is shared and noisy, so the suites run in
-# alternation, ROUNDS times, and each row reports its best round (criterion's
-# median of that round): every row gets the same chances, and ratios are only
-# ever taken between rows of the same run.
+# sizes.
 #
-# Usage: scripts/bench.sh            ROUNDS=5 scripts/bench.sh
+# End to end: `nbdcrypt serve` (release build, a fresh 1 GiB volume on the
+# embedded local KMS) in the same runs of the shared peer benchmark
+# (../shared/bench/peers.sh, next to this repository) as nbdkit's file plugin
+# (no encryption), nbdkit's luks filter and qemu-nbd with LUKS: fio's nbd
+# engine over a Unix socket, 4k random reads and writes at iodepth 32, 1M
+# sequential reads and writes at iodepth 8, one connection each; nbdcopy of
+# 1 GiB both ways. Beside that, in each round: nbdcrypt held to one CPU with
+# taskset against its run on all CPUs, its peak RSS (ru_maxrss, whole life:
+# prefill, fio, nbdcopy), and 4k random reads at iodepth 1 against nbdkit's
+# file plugin for the p99 latency.
+#
+# The machine this runs on is shared and noisy, so everything runs ROUNDS
+# times in alternation; tables give the median and the range over the rounds,
+# and ratios are taken within a round, then summarised.
+#
+# Usage: scripts/bench.sh [cipher|e2e|all]       (default all)
+#   ROUNDS=3            rounds of each part
+#   RUNTIME=10          seconds per fio job (plus 2 s ramp)
+#   PEER_SERVERS="nbdkit-file nbdkit-luks qemu-nbd-luks"   (names from peers.sh)
+#   WAIT_IDLE=<loadavg> wait (up to 300 s) for a quieter machine before each server
+#   PEERS=../shared/bench/peers.sh   BENCH_DIR=$TMPDIR/nbdcrypt-bench
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+WHAT=${1:-all}
 ROUNDS=${ROUNDS:-3}
+RUNTIME=${RUNTIME:-10}
+PEER_SERVERS=${PEER_SERVERS:-"nbdkit-file nbdkit-luks qemu-nbd-luks"}
+PEERS=${PEERS:-../shared/bench/peers.sh}
+BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}/nbdcrypt-bench}
 TARGET=${CARGO_TARGET_DIR:-target}
 RESULTS=$(mktemp -d)
 trap 'rm -rf "$RESULTS"' EXIT
 
-cargo build --release --quiet
+case $WHAT in
+cipher | e2e | all) ;;
+*)
+    echo "usage: scripts/bench.sh [cipher|e2e|all]" >&2
+    exit 2
+    ;;
+esac
+if [[ $WHAT != cipher ]]; then
+    [[ -f $PEERS ]] || {
+        echo "bench: $PEERS not found (set PEERS=path/to/peers.sh)" >&2
+        exit 1
+    }
+    for tool in fio nbdkit nbdcopy nbdinfo jq taskset; do
+        command -v "$tool" >/dev/null || {
+            echo "bench: $tool not found" >&2
+            exit 1
+        }
+    done
+fi
 
+cargo build --release --quiet
+NBDCRYPT_BIN=$(realpath "$TARGET/release/nbdcrypt")
+export NBDCRYPT_BIN
+
+# ------------------------------------------------------------ sector cipher
 # One round of the sector cipher benches: criterion's estimates and OpenSSL's
 # bytes per second, copied into $RESULTS tagged with the round.
 crypto_round() {
@@ -41,12 +86,103 @@ crypto_round() {
     done
 }
 
+# ------------------------------------------------------------ end to end
+DB=db-BENCH00000000000000000001
+# Run by peers.sh (bash -c, in its own process group, with WORK, SOCK, SIZE,
+# RUNDIR exported): a fresh KMS, key and volume, then the server, under a
+# wrapper that records its peak RSS when it exits.
+SERVER_CMD='set -e
+export NBDCRYPT_KMS_DIR=$WORK/nbdcrypt-kms
+rm -rf "$NBDCRYPT_KMS_DIR" "$WORK/nbdcrypt.vol"
+"$NBDCRYPT_BIN" kms create-key --alias alias/bench >/dev/null
+"$NBDCRYPT_BIN" volume create "$WORK/nbdcrypt.vol" --size "$SIZE" --kms-key alias/bench \
+    --db-id '"$DB"' --vol-id vol-bench >/dev/null
+exec $NBDCRYPT_TASKSET python3 "$NBDCRYPT_RSS_WRAPPER" "$NBDCRYPT_RSS_FILE" \
+    "$NBDCRYPT_BIN" serve --unix "$SOCK" --db-id '"$DB"' "$WORK/nbdcrypt.vol"'
+
+# peers.sh stops a server with SIGTERM to its process group; the wrapper
+# ignores it, waits for the server to finish, and appends its ru_maxrss (KiB).
+cat >"$RESULTS/rss.py" <<'EOF'
+import resource, signal, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+code = child.wait()
+with open(sys.argv[1], "a") as f:
+    f.write(f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\n")
+sys.exit(code)
+EOF
+export NBDCRYPT_RSS_WRAPPER=$RESULTS/rss.py
+
+# peers.sh with nbdcrypt as its extra server: $1 results dir, $2 server name,
+# $3 CPU list for taskset (empty: all), $4 peer servers.
+run_peers() {
+    local cpus=() log=$1.log
+    [[ -n $3 ]] && cpus=(taskset -c "$3")
+    mkdir -p "$1"
+    echo "  peers.sh: ${4:-(no peers)} + $2" >&2
+    RES=$1 BASE=$BENCH_DIR SERVERS=$4 RUNTIME=$RUNTIME TLS_PROBE=0 \
+        EXTRA_NAME=$2 EXTRA_SERVER_CMD=$SERVER_CMD EXTRA_BACKING=$BENCH_DIR/work/nbdcrypt.vol \
+        NBDCRYPT_TASKSET="${cpus[*]}" NBDCRYPT_RSS_FILE=$1/$2.maxrss \
+        bash "$PEERS" >"$log" 2>&1 || {
+        tail -5 "$log" >&2
+        return 1
+    }
+}
+
+# 4k random reads at iodepth 1 for the p99 latency (peers.sh has no such
+# job): nbdkit's file plugin on a raw copy of the peers' random data against
+# nbdcrypt on a volume filled with it. $1 results dir.
+qd1_round() {
+    local dir=$1 work=$BENCH_DIR/qd1 name pid uri
+    mkdir -p "$dir" "$work"
+    for name in nbdkit-file nbdcrypt; do
+        rm -f "$work/sock"
+        if [[ $name == nbdkit-file ]]; then
+            cp "$BENCH_DIR/work/src.bin" "$work/raw.img"
+            setsid nbdkit -f -U "$work/sock" file "$work/raw.img" </dev/null >"$dir/$name.log" 2>&1 &
+        else
+            rm -rf "$work/kms" "$work/nbdcrypt.vol"
+            NBDCRYPT_KMS_DIR=$work/kms "$NBDCRYPT_BIN" kms create-key --alias alias/bench >/dev/null 2>&1
+            NBDCRYPT_KMS_DIR=$work/kms "$NBDCRYPT_BIN" volume create "$work/nbdcrypt.vol" --size 1G \
+                --kms-key alias/bench --db-id "$DB" --vol-id vol-bench >/dev/null
+            NBDCRYPT_KMS_DIR=$work/kms setsid "$NBDCRYPT_BIN" serve --unix "$work/sock" --db-id "$DB" \
+                "$work/nbdcrypt.vol" </dev/null >"$dir/$name.log" 2>&1 &
+        fi
+        pid=$!
+        uri="nbd+unix:///?socket=$work/sock"
+        for _ in $(seq 100); do nbdinfo --size "$uri" >/dev/null 2>&1 && break || sleep 0.1; done
+        [[ $name == nbdcrypt ]] && nbdcopy "$BENCH_DIR/work/src.bin" "$uri"
+        fio --name=qd1 --ioengine=nbd --uri="$uri" --rw=randread --bs=4k --iodepth=1 \
+            --runtime="$RUNTIME" --time_based --ramp_time=2 --lat_percentiles=1 \
+            --output-format=json --output="$dir/$name.json" >/dev/null 2>&1 || true
+        kill -TERM "$pid"
+        wait "$pid" || true
+    done
+    rm -rf "$work"
+}
+
+e2e_round() {
+    local round=$1 dir=$RESULTS/e2e.$1
+    echo "end to end: round $round of $ROUNDS" >&2
+    run_peers "$dir/peers" nbdcrypt "" "$PEER_SERVERS"
+    run_peers "$dir/one-cpu" nbdcrypt-1cpu 0 ""
+    echo "  4k random reads at iodepth 1" >&2
+    qd1_round "$dir/qd1"
+}
+
 for round in $(seq 1 "$ROUNDS"); do
-    echo "sector cipher: round $round of $ROUNDS" >&2
-    crypto_round "$round"
+    if [[ $WHAT != e2e ]]; then
+        echo "sector cipher: round $round of $ROUNDS" >&2
+        crypto_round "$round"
+    fi
+    if [[ $WHAT != cipher ]]; then
+        e2e_round "$round"
+    fi
 done
 
-python3 - "$RESULTS" <<'EOF'
+if [[ $WHAT != e2e ]]; then
+    python3 - "$RESULTS" <<'EOF'
 import glob, json, os, sys
 
 results = sys.argv[1]
@@ -59,7 +195,7 @@ def best(name):
         if path.endswith(".criterion"):
             with open(path) as f:
                 rates.append(MIB / json.load(f)["median"]["point_estimate"])
-        else:
+        elif path.endswith(".openssl"):
             with open(path) as f:
                 rates.append(float(f.read()) / 1e9)
     return max(rates)
@@ -81,3 +217,118 @@ for direction in ("encrypt", "decrypt"):
     print(f"{'raw AES-256-ECB ' + direction:28} {ecb:7.2f}")
 print(f"{'xts-mode encrypt 4096':28} {best('xts-mode_encrypt_4096'):7.2f}")
 EOF
+fi
+
+if [[ $WHAT != cipher ]]; then
+    python3 - "$RESULTS" "$PEER_SERVERS" <<'EOF'
+import csv, glob, json, os, statistics, sys
+
+results, peers = sys.argv[1], sys.argv[2].split()
+rounds = sorted(glob.glob(os.path.join(results, "e2e.*")), key=lambda p: int(p.rsplit(".", 1)[1]))
+JOBS = [("randread", "4k randread qd32", "IOPS"), ("randwrite", "4k randwrite qd32", "IOPS"),
+        ("read", "1M read qd8", "MB/s"), ("write", "1M write qd8", "MB/s")]
+COPIES = [("file-to-export", "nbdcopy 1 GiB in"), ("export-to-devnull", "nbdcopy 1 GiB out")]
+
+def fio(path):
+    """{(server, job): row} from a peers.sh results.tsv."""
+    out = {}
+    if os.path.exists(path):
+        for row in csv.DictReader(open(path), delimiter="\t"):
+            out[(row["server"], row["job"])] = row
+    return out
+
+def copies(path):
+    out = {}
+    if os.path.exists(path):
+        for row in csv.reader(open(path), delimiter="\t"):
+            if len(row) >= 4 and row[3] not in ("", "-", "MBps"):
+                out[(row[0], row[1])] = float(row[3])
+    return out
+
+def value(rows, server, job, unit):
+    row = rows.get((server, job))
+    if not row:
+        return None
+    return float(row["iops"] if unit == "IOPS" else row["MBps"])
+
+def summary(values, fmt="{:.0f}"):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    m = statistics.median(values)
+    if len(values) == 1:
+        return fmt.format(m)
+    return f"{fmt.format(m)} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+per_round = []
+for r in rounds:
+    per_round.append({
+        "fio": fio(os.path.join(r, "peers", "results.tsv")),
+        "copy": copies(os.path.join(r, "peers", "nbdcopy.tsv")),
+        "fio1": fio(os.path.join(r, "one-cpu", "results.tsv")),
+        "copy1": copies(os.path.join(r, "one-cpu", "nbdcopy.tsv")),
+        "dir": r,
+    })
+
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+print(f"\nEnd to end, {len(rounds)} rounds; {os.cpu_count()} CPUs, {cpu}. fio nbd engine over a Unix socket,"
+      " 1 GiB, one connection per job; median [range] over the rounds; ratios taken within each round.")
+header = f"{'':22} {'nbdcrypt':>22}"
+for p in peers:
+    header += f" {p:>20} {'x ' + p:>20}"
+print(header)
+def line(label, get):
+    ours = [get(d, "nbdcrypt") for d in per_round]
+    text = f"{label:22} {summary(ours):>22}"
+    for p in peers:
+        theirs = [get(d, p) for d in per_round]
+        text += f" {summary(theirs):>20} {summary([ratio(a, b) for a, b in zip(ours, theirs)], '{:.2f}'):>20}"
+    print(text)
+for job, label, unit in JOBS:
+    line(f"{label} {unit}", lambda d, s, job=job, unit=unit: value(d["fio"], s, job, unit))
+for direction, label in COPIES:
+    line(f"{label} MB/s", lambda d, s, direction=direction: d["copy"].get((s, direction)))
+
+print("\nServer CPU per request, µs (srv_cpu% / IOPS; lower is better):")
+for job, label, unit in JOBS:
+    def cost(d, s, job=job):
+        row = d["fio"].get((s, job))
+        return float(row["srv_cpu"]) * 1e4 / float(row["iops"]) if row and float(row["iops"]) else None
+    text = f"  {label:20}"
+    for s in ["nbdcrypt"] + peers:
+        text += f" {s} {summary([cost(d, s) for d in per_round], '{:.1f}')};"
+    print(text.rstrip(";"))
+
+print("\nScaling: nbdcrypt on all CPUs against `taskset -c 0` (one CPU), ratio within each round:")
+for job, label, unit in JOBS:
+    two = [value(d["fio"], "nbdcrypt", job, unit) for d in per_round]
+    one = [value(d["fio1"], "nbdcrypt-1cpu", job, unit) for d in per_round]
+    print(f"  {label:20} 1 CPU {summary(one)}  all {summary(two)}  x {summary([ratio(a, b) for a, b in zip(two, one)], '{:.2f}')}")
+for direction, label in COPIES:
+    two = [d["copy"].get(("nbdcrypt", direction)) for d in per_round]
+    one = [d["copy1"].get(("nbdcrypt-1cpu", direction)) for d in per_round]
+    print(f"  {label:20} 1 CPU {summary(one)}  all {summary(two)}  x {summary([ratio(a, b) for a, b in zip(two, one)], '{:.2f}')}")
+
+rss = []
+for d in per_round:
+    for path in glob.glob(os.path.join(d["dir"], "*", "*.maxrss")):
+        rss += [int(x) / 1024 for x in open(path).read().split()]
+print(f"\nnbdcrypt peak RSS (whole life of each server: prefill, fio suite, nbdcopy), MiB: {summary(rss, '{:.1f}')}")
+
+def p99(path):
+    try:
+        job = json.load(open(path))["jobs"][0]["read"]
+        return job["lat_ns"]["percentile"]["99.000000"] / 1000, job["iops"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None, None
+ours = [p99(os.path.join(d["dir"], "qd1", "nbdcrypt.json")) for d in per_round]
+theirs = [p99(os.path.join(d["dir"], "qd1", "nbdkit-file.json")) for d in per_round]
+print("4k random reads, iodepth 1: p99 latency µs (IOPS): "
+      f"nbdcrypt {summary([o[0] for o in ours])} ({summary([o[1] for o in ours])}); "
+      f"nbdkit-file {summary([t[0] for t in theirs])} ({summary([t[1] for t in theirs])}); "
+      f"x {summary([ratio(o[0], t[0]) for o, t in zip(ours, theirs)], '{:.2f}')}")
+EOF
+fi
