@@ -210,13 +210,18 @@ mod tests {
 
     #[test]
     fn a_locked_value_sits_in_locked_memory() {
-        // 64 KiB, so that the locked amount of its mapping grows by at
-        // least 60 kB whatever else the mapping holds.
-        let cipher = Box::new([0x42u8; 1 << 16]);
+        // Larger than malloc's largest mmap threshold (32 MiB), so the value
+        // is a mapping of its own that no other test's secrets share, and
+        // its locked amount must grow by the value's size.
+        const LEN: usize = 33 << 20;
+        let cipher: Box<[u8; LEN]> = vec![0x42u8; LEN].into_boxed_slice().try_into().unwrap();
         let before = locked_kb_at(cipher.as_ptr() as usize);
         lock_value(&*cipher);
         let after = locked_kb_at(cipher.as_ptr() as usize);
-        assert!(after >= before + 60, "{before} kB, then {after} kB");
+        assert!(
+            after >= before + (LEN as u64 >> 10) - 4,
+            "{before} kB, then {after} kB"
+        );
     }
 
     #[test]
