@@ -93,7 +93,7 @@ pids+=("$background")
 set +e
 fio --name=soak --ioengine=nbd --uri="$uri" --numjobs=4 --size=512M \
   --offset_increment=512M --rw=randwrite --bsrange=4k-128k --iodepth=16 \
-  --verify=crc32c --verify_fatal=1 --verify_backlog=4096 --do_verify=1 \
+  --verify=crc32c --verify_fatal=1 --verify_backlog=4096 --do_verify=1 --verify_state_save=0 \
   --time_based --runtime="$duration" --group_reporting --output-format=json \
   --output="$dir/fio.json" > "$dir/fio.out" 2> "$dir/fio.err"
 fio_status=$?
