@@ -1,7 +1,7 @@
 //! The transmission phase of one connection. The reading side parses and
 //! validates requests one after another. Small reads whose data is in the
 //! page cache, and small whole-sector writes, it serves itself (see
-//! [`Inline`]); every other request runs on the blocking pool, concurrently
+//! `Inline`); every other request runs on the blocking pool, concurrently
 //! with the others. Either way the reply goes to a single writer task, so
 //! replies go out in completion order (proto.md allows any order) and never
 //! interleave.
