@@ -1,7 +1,7 @@
 //! The transmission phase of one connection. The reading side parses and
 //! validates requests one after another. Small reads whose data is in the
 //! page cache, and small whole-sector writes, it serves itself (see
-//! [`Inline`]); every other request runs on the blocking pool, concurrently
+//! `Inline`); every other request runs on the blocking pool, concurrently
 //! with the others. Either way the reply goes to a single writer task, so
 //! replies go out in completion order (proto.md allows any order) and never
 //! interleave.
@@ -333,18 +333,23 @@ fn panicked() -> NbdError {
     NbdError::Io(io::Error::other("the backend panicked"))
 }
 
-/// Reads and writes up to this size are tried on the reactor first. Measured
-/// on 4 KiB requests at queue depth 32, server CPU per request: reads 20-25
-/// µs through the blocking pool, 3.5-3.7 on the reactor (nbdkit's file
-/// plugin: 7.5-18 in the same runs); writes 20-24 µs, 4.1-4.4 (nbdkit:
-/// 6.3-7.6). Small writes sent to the pool in batches (whatever one read of
-/// the socket brought in) cost 7-9 µs, and 15-17 when requests trickle in
-/// one at a time, as fio sends them.
-const INLINE_MAX: u32 = 64 * 1024;
+/// Reads and writes up to this size are tried on the reactor first.
+/// Measured on 4 KiB requests at queue depth 32, server CPU per request:
+/// reads 20-25 µs through the blocking pool, 3.5-3.7 on the reactor
+/// (nbdkit's file plugin: 7.5-18 in the same runs); writes 20-24 µs, 4.1-4.4
+/// (nbdkit: 6.3-7.6). Small writes sent to the pool in batches (whatever one
+/// read of the socket brought in) cost 7-9 µs, and 15-17 when requests
+/// trickle in one at a time, as fio sends them. nbdcopy's 256 KiB requests,
+/// on four connections with 64 in flight each, kept the pool's threads busy
+/// waking each other: on the reactor (50-100 µs each) a copy of 1 GiB took
+/// 260-290 ms of CPU instead of 340-440 out of the volume, 270-390 instead
+/// of 470-1340 into it. Larger requests stay on the pool, where one
+/// connection's requests spread over the cores.
+const INLINE_MAX: u32 = 256 * 1024;
 
 /// An inline write slower than this, during which the thread slept, was
 /// made to wait by the kernel (dirty-page throttling, the journal, memory),
-/// which can last 200 ms and come again; a 64 KiB write takes about 20 µs.
+/// which can last 200 ms and come again; a 256 KiB write takes about 100 µs.
 /// A thread that was only preempted does not count: on a busy machine that
 /// happens to 4 KiB writes again and again, for up to 80 ms (seen with perf
 /// sched_switch events: runnable inside `pwrite`, never asleep), and has
@@ -894,7 +899,7 @@ mod tests {
 
     #[test]
     fn small_requests_run_inline_unless_writes_are_paused() {
-        let backend = MemBackend::new(1 << 17, 512, true);
+        let backend = MemBackend::new(1 << 20, 512, true);
         let s = session(backend.clone(), false, false);
         let write = |length, fua| Op::Write {
             offset: 0,
