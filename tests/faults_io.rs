@@ -8,6 +8,9 @@
 //!   filter and seen through nbdfuse as a file (device-mapper's `error`
 //!   target is not available on these machines); a trigger file turns
 //!   write or read errors on and off.
+//! - A failed flush: the volume file lies on a small tmpfs and is served
+//!   through a loop device, so writes are taken into the device's page cache
+//!   and fail only when `fdatasync` writes them back.
 //!
 //! Needs root (losetup, mount), nbdkit and nbdfuse, as scripts/test.sh sets
 //! up.
@@ -21,7 +24,7 @@ use std::process::{Child, Command as Process, Stdio};
 use std::time::Duration;
 
 use client::Client;
-use common::{Env, Server, tool, tool_ok};
+use common::{Env, Mount, Server, tool, tool_ok};
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
 
 const MIB: u64 = 1 << 20;
@@ -268,4 +271,82 @@ fn backing_store_eio_is_nbd_eio_and_loses_nothing() {
     drop(c);
     assert!(server.stop().success());
     drop(faulty);
+}
+
+/// A loop device over a file; detached when dropped.
+struct Loop(String);
+
+impl Loop {
+    fn new(file: &Path) -> Self {
+        Self(
+            tool_ok("losetup", &["-f", "--show", file.to_str().unwrap()])
+                .trim()
+                .to_owned(),
+        )
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        tool("losetup", &["-d", &self.0]);
+    }
+}
+
+/// After a failed `fdatasync` the kernel may have dropped the pages it could
+/// not write, and a second `fdatasync` succeeds: a flush that then said
+/// "durable" would lie. So once a flush has failed, every later flush and
+/// FUA write fails too, even when the store has room again, until the
+/// volume is opened anew.
+#[test]
+fn after_a_failed_flush_every_flush_fails() {
+    let env = Env::new();
+    env.key("alias/faults");
+    let small = Mount::tmpfs(&env, "small", "24M", false);
+    let path = small.dir.join("v.vol");
+    env.ok(&[
+        "volume",
+        "create",
+        path.to_str().unwrap(),
+        "--size",
+        "64M",
+        "--kms-key",
+        "alias/faults",
+        "--db-id",
+        common::DB,
+        "--vol-id",
+        "vol-flush",
+    ]);
+    let device = Loop::new(&path);
+    let server = Server::start(&env, "nbd.sock", &[&device.0]);
+    let mut c = Client::connect(&server.socket, "").unwrap();
+
+    // Acknowledged into the device's page cache: more than the tmpfs holds.
+    let data = common::random_bytes(MIB as usize);
+    for i in 0..32 {
+        c.write(i * MIB, &data, false).unwrap();
+    }
+    let err = c.flush().expect_err("writeback to a full tmpfs fails");
+    assert!(err.to_string().contains(&format!("error {EIO}")), "{err}");
+
+    // Room again: the kernel would now report success, the server does not.
+    tool_ok(
+        "mount",
+        &["-o", "remount,size=256M", small.dir.to_str().unwrap()],
+    );
+    let err = c.flush().expect_err("a flush after a failed one fails");
+    assert!(err.to_string().contains(&format!("error {EIO}")), "{err}");
+    assert_eq!(write(&mut c, 40 * MIB, &data), EIO, "FUA writes fail too");
+    // Reads and plain writes go on; the connection is up.
+    c.write(40 * MIB, &data, false).unwrap();
+    assert_eq!(c.read(40 * MIB, MIB as u32).unwrap(), data);
+    drop(c);
+    server.kill();
+
+    // Opened anew, the volume flushes again.
+    let server = Server::start(&env, "nbd.sock", &[&device.0]);
+    let mut c = Client::connect(&server.socket, "").unwrap();
+    c.write(48 * MIB, &data, true).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    assert!(server.stop().success());
 }

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
 use nix::unistd::{Whence, lseek64};
@@ -22,6 +23,13 @@ mod ioctl {
     nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
     nix::ioctl_write_ptr_bad!(blk_zero_out, nix::request_code_none!(0x12, 127), [u64; 2]);
 }
+
+/// A sync refused because an earlier one failed; see `Backing::sync_failed`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "an earlier fdatasync of this volume failed, so no later flush can be trusted; reopen the volume"
+)]
+pub struct SyncFailedBefore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackingKind {
@@ -41,6 +49,13 @@ pub struct Allocation {
 pub struct Backing {
     file: File,
     kind: BackingKind,
+    /// Set by the first failed `fdatasync`. Linux reports a writeback error
+    /// once per descriptor and may drop the pages it could not write, or
+    /// mark them clean: a later `fdatasync` can succeed although
+    /// acknowledged data never reached the disk. So after one failure every
+    /// later sync fails too, as PostgreSQL learned to do, until the volume
+    /// is opened anew and its contents can be checked.
+    sync_failed: AtomicBool,
 }
 
 impl Backing {
@@ -50,7 +65,11 @@ impl Backing {
         } else {
             BackingKind::File
         };
-        Ok(Self { file, kind })
+        Ok(Self {
+            file,
+            kind,
+            sync_failed: AtomicBool::new(false),
+        })
     }
 
     /// Takes an advisory lock for the life of the descriptor: exclusive for a
@@ -129,7 +148,17 @@ impl Backing {
     }
 
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(io::Error::other(SyncFailedBefore));
+        }
+        self.file.sync_data().inspect_err(|e| {
+            self.sync_failed.store(true, Ordering::Release);
+            tracing::error!(
+                error = %e,
+                "fdatasync failed: writes since the last good flush may be lost; \
+                 every later flush fails too, until the volume is opened again"
+            );
+        })
     }
 
     /// Makes the range read as zero bytes without writing them: a punched
