@@ -24,6 +24,12 @@ use crate::secret::{SecretBytes, constant_time_eq};
 /// about 1 s in an unoptimised debug build.
 pub(super) const ITERATIONS: u32 = 100_000;
 
+/// The most iterations a header may ask for: a hundred times what we write,
+/// about 2 s of a release build. The count is read before the key is
+/// checked, so without a bound a tampered header (2^32 - 1 iterations)
+/// would hold every open for ten minutes or more.
+const MAX_ITERATIONS: u32 = 100 * ITERATIONS;
+
 /// The digest's hash; cryptsetup's default, and the only one we verify.
 const HASH: &str = "sha256";
 const SALT_LEN: usize = 32;
@@ -86,6 +92,12 @@ impl Pbkdf2Digest {
             .and_then(|n| u32::try_from(n).ok())
             .filter(|&n| n > 0)
             .ok_or("\"iterations\" is not an integer from 1 to 2^32-1")?;
+        if iterations > MAX_ITERATIONS {
+            return Err(format!(
+                "\"iterations\" is {iterations}, more than the {MAX_ITERATIONS} \
+                 nbdcrypt accepts (it writes {ITERATIONS})"
+            ));
+        }
         let bytes = |name: &str, len: usize| -> Result<Vec<u8>, String> {
             let text = field(name)?
                 .as_str()
@@ -158,6 +170,7 @@ mod tests {
             ("hash", json!("sha1"), "hash"),
             ("type", json!("argon2"), "type"),
             ("iterations", json!(0), "iterations"),
+            ("iterations", json!(u32::MAX), "more than"),
             ("salt", json!("AAAA"), "salt"),
             ("digest", json!("not base64!"), "digest"),
         ] {
