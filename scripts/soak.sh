@@ -2,10 +2,12 @@
 # Soak test (not part of scripts/test.sh): one `nbdcrypt serve` under fio
 # verify jobs on four NBD connections for SECONDS (default 600), while the
 # volume's CMK gets new key material every ROTATE_EVERY seconds (default 30)
-# and, if this build has volume snapshots, a snapshot is taken every
-# SNAPSHOT_EVERY seconds (default 60). Afterwards the server is stopped
-# (its final flush) and restarted, and the whole volume must read back the
-# same as before the stop.
+# and an online snapshot is taken through the server's control socket every
+# SNAPSHOT_EVERY seconds (default 60). Afterwards the server is stopped (its
+# final flush), the volume key is re-wrapped under the CMK's newest material
+# (`volume rekey`), the server is restarted, and the whole volume must read
+# back the same as before the stop. The last snapshot is restored to a new
+# volume, which must be served and read end to end without an error.
 #
 #   scripts/soak.sh [SECONDS]
 #
@@ -27,6 +29,7 @@ dir=${SOAK_DIR:-$(mktemp -d)}
 mkdir -p "$dir"
 export NBDCRYPT_KMS_DIR=$dir/kms
 sock=$dir/nbd.sock
+ctl=$dir/control.sock
 uri="nbd+unix:///?socket=$sock"
 pids=()
 cleanup() {
@@ -42,7 +45,8 @@ key_id=$("$bin" kms describe-key alias/soak --json | jq -r .KeyMetadata.KeyId)
   --db-id "$DB" --vol-id vol-soak > /dev/null
 
 start_server() {
-  "$bin" -v serve --unix "$sock" --db-id "$DB" "$dir/soak.vol" 2>> "$dir/serve.log" &
+  "$bin" -v serve --unix "$sock" --control "$ctl" --db-id "$DB" "$dir/soak.vol" \
+    2>> "$dir/serve.log" &
   server=$!
   pids+=("$server")
   for ((i = 0; i < 200; i++)); do
@@ -64,27 +68,30 @@ start_server
 ) > "$dir/rss.log" &
 pids+=($!)
 
-# Key rotation, and snapshots when the build has them, during the run.
+# Key rotation and online snapshots during the run.
+mkdir -p "$dir/snapshots"
 (
   end=$((SECONDS + duration))
   next_rotation=$((SECONDS + rotate_every))
   next_snapshot=$((SECONDS + snapshot_every))
-  snapshots=0 rotations=0
-  has_snapshots=0
-  "$bin" volume --help | grep -q '^  snapshot' && has_snapshots=1
+  snapshots=0 rotations=0 failed=0
   while ((SECONDS < end)); do
     sleep 1
     if ((SECONDS >= next_rotation)); then
       "$bin" kms rotate-key-on-demand "$key_id" > /dev/null && rotations=$((rotations + 1))
       next_rotation=$((SECONDS + rotate_every))
     fi
-    if ((has_snapshots && SECONDS >= next_snapshot)); then
-      "$bin" volume snapshot "$dir/soak.vol" --db-id "$DB" > /dev/null 2>> "$dir/snapshot.log" \
-        && snapshots=$((snapshots + 1))
+    if ((SECONDS >= next_snapshot)); then
+      if "$bin" snapshot create --server "$ctl" vol-soak --snapshot-id "snap-$((snapshots + 1))" \
+        --out "$dir/snapshots" > /dev/null 2>> "$dir/snapshot.log"; then
+        snapshots=$((snapshots + 1))
+      else
+        failed=$((failed + 1))
+      fi
       next_snapshot=$((SECONDS + snapshot_every))
     fi
   done
-  echo "$rotations $snapshots $has_snapshots" > "$dir/background"
+  echo "$rotations $snapshots $failed" > "$dir/background"
 ) &
 background=$!
 pids+=("$background")
@@ -100,17 +107,39 @@ fio_status=$?
 set -e
 wait "$background" || true
 
-# A clean stop and a restart: the volume reads back the same.
+# A clean stop, a rekey and a restart: the volume reads back the same.
 before=$(nbdcopy "$uri" - | sha256sum)
 kill -TERM "$server"
 stop_status=0
 wait "$server" || stop_status=$?
+rekey=ok
+"$bin" volume rekey "$dir/soak.vol" --db-id "$DB" > /dev/null 2>> "$dir/rekey.log" || rekey=FAILED
 start_server
 after=$(nbdcopy "$uri" - | sha256sum)
 kill -TERM "$server"
 wait "$server" || stop_status=$?
 
-read -r rotations snapshots has_snapshots < "$dir/background"
+read -r rotations snapshots snapshots_failed < "$dir/background"
+
+# The last snapshot, restored to a new volume, serves and reads end to end.
+restored=none
+if ((snapshots > 0)); then
+  restored=FAILED
+  if "$bin" snapshot restore "$dir/snapshots/snap-$snapshots" "$dir/restored.vol" \
+    --db-id "$DB" --vol-id vol-restored > /dev/null 2>> "$dir/snapshot.log"; then
+    rsock=$dir/restored.sock
+    "$bin" serve --unix "$rsock" --db-id "$DB" "$dir/restored.vol" 2>> "$dir/restored.log" &
+    rserver=$!
+    pids+=("$rserver")
+    for ((i = 0; i < 200; i++)); do
+      nbdinfo --size "nbd+unix:///?socket=$rsock" > /dev/null 2>&1 && break
+      sleep 0.1
+    done
+    nbdcopy "nbd+unix:///?socket=$rsock" null: 2>> "$dir/restored.log" && restored=yes
+    kill -TERM "$rserver"
+    wait "$rserver" || restored=FAILED
+  fi
+fi
 audit=$("$bin" kms audit verify > /dev/null 2>&1 && echo intact || echo BROKEN)
 warnings=$(grep -cE ' (WARN|ERROR) ' "$dir/serve.log" || true)
 errors=$(jq '[.jobs[].error] | add' "$dir/fio.json" 2> /dev/null || echo "?")
@@ -122,9 +151,11 @@ soak: ${duration}s, 4 fio connections (random writes 4k-128k, crc32c verify), 2 
   fio errors: ${errors} (exit ${fio_status}); volume the same after a stop and restart: $([[ $before == "$after" ]] && echo yes || echo NO)
   server: warnings or errors logged: ${warnings}; clean stops: $([[ $stop_status == 0 ]] && echo yes || echo "no (exit $stop_status)")
   throughput: write $(mib write) MiB/s ($(iops write) IOPS); read back and verified: $(jq '[.jobs[].read.io_bytes] | add / 1073741824 | floor' "$dir/fio.json") GiB
-  key rotations: ${rotations}; snapshots: $( ((has_snapshots)) && echo "$snapshots" || echo "none (this build has no volume snapshots)")
+  key rotations: ${rotations}; volume rekey after the stop: ${rekey}
+  online snapshots: ${snapshots} taken, ${snapshots_failed} failed; the last one restored and read end to end: ${restored}
   audit log chain: ${audit}
   server RSS (kB) min $(sort -n <<< "$rss" | head -1), max $(sort -n <<< "$rss" | tail -1), every 5 s: $(tr '\n' ' ' <<< "$rss")
 REPORT
 [[ $fio_status == 0 && $errors == 0 && $before == "$after" && $warnings == 0 \
-  && $stop_status == 0 && $audit == intact ]]
+  && $stop_status == 0 && $audit == intact && $rekey == ok && $snapshots_failed == 0 \
+  && $restored != FAILED ]]
