@@ -136,10 +136,18 @@ pub fn lock_value<T>(value: &T) {
 /// the process's memory after closing a volume found several. 256 KiB
 /// covers the deepest of those calls (unlocking goes through the KMS, the
 /// audit log and pbkdf2) many times over; every thread has at least 2 MiB.
-#[inline(never)]
 pub fn scrub_stack() {
-    let mut frame = [0u8; 256 * 1024];
-    frame.zeroize();
+    scrub_stack_bytes::<{ 256 * 1024 }>();
+}
+
+/// Wipes `N` bytes of stack below the caller's frame: [`scrub_stack`] for
+/// calls of known, shallow depth, made often. One `memset`, which the
+/// optimiser must keep because the buffer escapes into `black_box`.
+#[inline(never)]
+pub fn scrub_stack_bytes<const N: usize>() {
+    let mut frame = std::mem::MaybeUninit::<[u8; N]>::uninit();
+    // SAFETY: writes N zero bytes into the N-byte buffer it points to.
+    unsafe { frame.as_mut_ptr().write_bytes(0, 1) };
     std::hint::black_box(&frame);
 }
 
