@@ -18,6 +18,23 @@ use crate::volume::{Allocation, Volume};
 /// Zeroing large ranges goes through a buffer of this size.
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// Writes go to the backing store in pieces of at most this size, each
+/// encrypted just before it is written, for two reasons:
+/// - The page cache gives a write folios as large as the write (ext4 since
+///   Linux 6.16, up to 2 MiB), and ext4 walks every block of a folio for
+///   each write into it: after 256 KiB writes, a 4 KiB write spent 7 µs in
+///   `ext4_block_write_begin` (perf: 56% of the server's CPU under 4 KiB
+///   random writes). With 64 KiB folios it walks 16 blocks.
+/// - The ciphertext is still in the core's cache when `pwrite` copies it.
+///
+/// Measured with fio on a volume prefilled by nbdcopy (256 KiB requests),
+/// three alternating runs each: 4 KiB random writes at iodepth 32 went
+/// from 92-98k IOPS (one piece per request) to 127-133k (64 KiB pieces) and
+/// 135-156k (32 KiB); 1 MiB writes at iodepth 8 from 3.2k-3.6k to 3.0k-3.7k
+/// (64 KiB) and 2.9k-3.1k (32 KiB); nbdcopy into the volume 1.5-2.1 GB/s
+/// either way at 64 KiB, lower at 32 KiB; reads unchanged.
+const WRITE_PIECE: usize = 64 * 1024;
+
 impl Volume {
     /// Reads plaintext at any offset and length within the volume.
     ///
@@ -229,9 +246,17 @@ impl Volume {
         }
     }
 
+    /// Encrypts and writes whole sectors, a piece of [`WRITE_PIECE`] at a
+    /// time. On an error some pieces may be written and `data` is partly
+    /// ciphertext: the write failed, and its range holds old or new sectors.
     fn write_sectors(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
-        self.cipher.encrypt(offset / self.sector_size, data);
-        self.backing.write_all_at(data, self.data_offset + offset)
+        let mut at = offset;
+        for piece in data.chunks_mut(WRITE_PIECE) {
+            self.cipher.encrypt(at / self.sector_size, piece);
+            self.backing.write_all_at(piece, self.data_offset + at)?;
+            at += piece.len() as u64;
+        }
+        Ok(())
     }
 
     /// The sector-aligned range that covers `[offset, offset + len)`.
