@@ -530,6 +530,22 @@ fn the_control_socket_is_owner_only_and_answers_every_line() {
         out.to_str().unwrap(),
     ]);
     assert!(err.contains("cannot reach"), "{err}");
+    // Offline, a served volume is refused, with the way to do it online.
+    let err = env.fails(&[
+        "snapshot",
+        "create",
+        vol.to_str().unwrap(),
+        "--db-id",
+        DB,
+        "--snapshot-id",
+        "snap-3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("in use") && err.contains("snapshot create --server"),
+        "{err}"
+    );
 
     // Another user is turned away, before it can send anything, even when
     // the file modes would let it in.

@@ -18,7 +18,7 @@ pub enum SnapshotError {
     Exists(PathBuf),
 
     #[error(
-        "{}: exists: a snapshot with this id is being taken, or an earlier attempt was killed (then remove this file)",
+        "{}: exists: another nbdcrypt is writing it (a snapshot or a restore), or an earlier attempt was killed (then remove this file)",
         .0.display()
     )]
     InProgress(PathBuf),

@@ -89,7 +89,8 @@ impl Backing {
         if err.raw_os_error() == Some(nix::libc::EWOULDBLOCK) {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
-                "the volume is in use by another process (a running `nbdcrypt serve`?); stop it first",
+                "the volume is in use by another process (a running `nbdcrypt serve`?); stop it first, \
+                 or snapshot it through that server with `nbdcrypt snapshot create --server`",
             ));
         }
         Err(err)
