@@ -44,18 +44,25 @@ key_id=$("$bin" kms describe-key alias/soak --json | jq -r .KeyMetadata.KeyId)
 "$bin" volume create "$dir/soak.vol" --size 2G --kms-key alias/soak \
   --db-id "$DB" --vol-id vol-soak > /dev/null
 
-start_server() {
-  "$bin" -v serve --unix "$sock" --control "$ctl" --db-id "$DB" "$dir/soak.vol" \
-    2>> "$dir/serve.log" &
-  server=$!
-  pids+=("$server")
+# Serves VOLUME on SOCKET (more `serve` options after), logging to LOG,
+# and waits until it answers; its pid is left in $started.
+serve() {
+  local volume=$1 socket=$2 log=$3
+  shift 3
+  "$bin" -v serve --unix "$socket" --db-id "$DB" "$@" "$volume" 2>> "$log" &
+  started=$!
+  pids+=("$started")
   for ((i = 0; i < 200; i++)); do
-    nbdinfo --size "$uri" > /dev/null 2>&1 && return
+    nbdinfo --size "nbd+unix:///?socket=$socket" > /dev/null 2>&1 && return
     sleep 0.1
   done
   echo "soak.sh: the server did not come up; its log:" >&2
-  cat "$dir/serve.log" >&2
+  cat "$log" >&2
   exit 1
+}
+start_server() {
+  serve "$dir/soak.vol" "$sock" "$dir/serve.log" --control "$ctl"
+  server=$started
 }
 start_server
 
@@ -127,17 +134,10 @@ if ((snapshots > 0)); then
   restored=FAILED
   if "$bin" snapshot restore "$dir/snapshots/snap-$snapshots" "$dir/restored.vol" \
     --db-id "$DB" --vol-id vol-restored > /dev/null 2>> "$dir/snapshot.log"; then
-    rsock=$dir/restored.sock
-    "$bin" serve --unix "$rsock" --db-id "$DB" "$dir/restored.vol" 2>> "$dir/restored.log" &
-    rserver=$!
-    pids+=("$rserver")
-    for ((i = 0; i < 200; i++)); do
-      nbdinfo --size "nbd+unix:///?socket=$rsock" > /dev/null 2>&1 && break
-      sleep 0.1
-    done
-    nbdcopy "nbd+unix:///?socket=$rsock" null: 2>> "$dir/restored.log" && restored=yes
-    kill -TERM "$rserver"
-    wait "$rserver" || restored=FAILED
+    serve "$dir/restored.vol" "$dir/restored.sock" "$dir/restored.log"
+    nbdcopy "nbd+unix:///?socket=$dir/restored.sock" null: 2>> "$dir/restored.log" && restored=yes
+    kill -TERM "$started"
+    wait "$started" || restored=FAILED
   fi
 fi
 audit=$("$bin" kms audit verify > /dev/null 2>&1 && echo intact || echo BROKEN)

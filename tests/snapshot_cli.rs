@@ -9,7 +9,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use common::{DB, Env, Mount, export_key, inspect, plaintext, random_bytes, sha256_file, tool_ok};
+use common::{
+    DB, Env, Mount, export_key, inspect, plaintext, random_bytes, s, sha256_file, snapshot_args,
+    tool_ok,
+};
 use serde_json::Value;
 
 const VOL: &str = "vol-ad8c6542";
@@ -44,18 +47,9 @@ fn volume_with_data_at(env: &Env, name: &str) -> (PathBuf, Vec<u8>) {
 }
 
 fn snapshot(env: &Env, vol: &Path, id: &str, out: &Path) -> Value {
-    let json = env.ok(&[
-        "snapshot",
-        "create",
-        vol.to_str().unwrap(),
-        "--db-id",
-        DB,
-        "--snapshot-id",
-        id,
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-    ]);
+    let mut args = snapshot_args(s(vol), id, s(out)).to_vec();
+    args.push("--json");
+    let json = env.ok(&args);
     serde_json::from_str(&json).unwrap()
 }
 
@@ -309,17 +303,7 @@ fn a_new_data_key_re_encrypts_every_sector() {
 /// clear line, the volume untouched, nothing left in `out` but `keep`.
 fn refused(env: &Env, vol: &Path, id: &str, out: &Path, keep: &[&str], reason: &str) {
     let before = sha256_file(vol);
-    let err = env.fails(&[
-        "snapshot",
-        "create",
-        vol.to_str().unwrap(),
-        "--db-id",
-        DB,
-        "--snapshot-id",
-        id,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let err = env.fails(&snapshot_args(s(vol), id, s(out)));
     assert!(err.contains(reason), "expected {reason:?} in {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     assert_eq!(sha256_file(vol), before, "the volume is untouched");

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::nbd::{RawClient, RawReply};
-use common::{DB, Env, Server, plaintext};
+use common::{DB, Env, Server, plaintext, s, snapshot_args};
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
 use serde_json::{Value, json};
 
@@ -531,17 +531,7 @@ fn the_control_socket_is_owner_only_and_answers_every_line() {
     ]);
     assert!(err.contains("cannot reach"), "{err}");
     // Offline, a served volume is refused, with the way to do it online.
-    let err = env.fails(&[
-        "snapshot",
-        "create",
-        vol.to_str().unwrap(),
-        "--db-id",
-        DB,
-        "--snapshot-id",
-        "snap-3",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let err = env.fails(&snapshot_args(s(&vol), "snap-3", s(&out)));
     assert!(
         err.contains("in use") && err.contains("snapshot create --server"),
         "{err}"

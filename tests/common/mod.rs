@@ -151,6 +151,22 @@ pub fn attach_args<'a>(verb: &'a str, vol: &'a str, path: &'a str) -> [&'a str; 
     ["volume", verb, vol, flag, path, "--db-id", DB]
 }
 
+/// The arguments of `nbdcrypt snapshot create VOL --db-id DB --snapshot-id
+/// ID --out DIR`: an offline snapshot.
+pub fn snapshot_args<'a>(vol: &'a str, id: &'a str, out: &'a str) -> [&'a str; 9] {
+    [
+        "snapshot",
+        "create",
+        vol,
+        "--db-id",
+        DB,
+        "--snapshot-id",
+        id,
+        "--out",
+        out,
+    ]
+}
+
 /// Random bytes from the OS.
 pub fn random_bytes(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
