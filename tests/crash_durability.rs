@@ -24,14 +24,12 @@
 //!
 //! `NBDCRYPT_CRASH_KILLS` (default 60) and `NBDCRYPT_CRASH_SEED` tune a run.
 
-#[path = "common/client.rs"]
-mod client;
 mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use client::{Client, is_disconnect};
+use common::client::{Client, is_disconnect};
 use common::{Env, Server};
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
 

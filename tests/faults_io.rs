@@ -15,15 +15,13 @@
 //! Needs root (losetup, mount), nbdkit and nbdfuse, as scripts/test.sh sets
 //! up.
 
-#[path = "common/client.rs"]
-mod client;
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::time::Duration;
 
-use client::Client;
+use common::client::Client;
 use common::{Env, Mount, Server, tool, tool_ok};
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
 

@@ -7,8 +7,6 @@
 //! limits give; and once the hostile clients are gone the server holds no
 //! more descriptors (so no connection or task) than before they came.
 
-#[path = "common/client.rs"]
-mod client;
 mod common;
 
 use std::io::{Read, Write};
@@ -18,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use client::Client;
+use common::client::Client;
 use common::{Env, Server};
 use nbdcrypt::nbd::proto::transmission::RequestHeader;
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags, IHAVEOPT, OptionCode};

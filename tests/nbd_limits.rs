@@ -135,7 +135,7 @@ fn memory_stays_bounded() {
     PEAK.store(baseline, Ordering::SeqCst);
     // The requests go out from another thread: the socket fills up and the
     // sender blocks once the server stops reading.
-    let mut sender = client.stream.try_clone().unwrap();
+    let mut sender = client.stream();
     let sending = std::thread::spawn(move || {
         use std::io::Write;
         for cookie in 0..requests {
@@ -170,7 +170,7 @@ fn memory_stays_bounded() {
 
     // Part 3: the same with requests the server refuses: their replies are
     // bounded too.
-    let mut sender = client.stream.try_clone().unwrap();
+    let mut sender = client.stream();
     let requests = 500_000;
     let header = nbdcrypt::nbd::proto::transmission::RequestHeader {
         flags: NONE,

@@ -231,7 +231,10 @@ fn a_client_vanishing_mid_request_leaves_the_others_served() {
             bytes
         };
         use std::io::Write;
-        vanishing.stream.write_all(&header_and_some[..cut]).unwrap();
+        vanishing
+            .stream()
+            .write_all(&header_and_some[..cut])
+            .unwrap();
         drop(vanishing);
         steady.send(Command::WRITE, NONE, 2, 512, 3, b"one");
         assert_eq!(steady.reply(|_| 0), simple(2, 0, vec![]));

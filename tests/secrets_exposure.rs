@@ -5,8 +5,6 @@
 //! the key). A serving process is non-dumpable, has no core size, and has
 //! memory locked.
 
-#[path = "common/client.rs"]
-mod client;
 mod common;
 
 use std::collections::HashSet;
@@ -17,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
-use client::Client;
+use common::client::Client;
 use common::{DB, Env};
 
 /// Every 16-byte window of every secret: any of them found anywhere, raw,

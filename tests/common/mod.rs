@@ -3,6 +3,7 @@
 //! on Unix sockets and stopped by the pid we started.
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod client;
 pub mod kms;
 pub mod nbd;
 

@@ -5,7 +5,7 @@
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -15,16 +15,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use nbdcrypt::kms::{CreateKeyRequest, KeySpec, LocalKms};
-use nbdcrypt::nbd::proto::transmission::RequestHeader;
-use nbdcrypt::nbd::proto::wire::{
-    Command as Cmd, CommandFlags, IHAVEOPT, InfoType, OPTION_REPLY_MAGIC, OptionCode,
-    OptionReplyType, ReplyType, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, TransmissionFlags,
-};
+use nbdcrypt::nbd::proto::wire::{Command as Cmd, CommandFlags, OptionCode, OptionReplyType};
 use nbdcrypt::nbd::{Backend, Export, Extent, Limits, Listener};
 use nbdcrypt::volume::{self, AttachOptions, CreateOptions, Volume};
 use tempfile::TempDir;
 
 use super::DB;
+use super::client::Client;
+pub use super::client::RawReply;
 
 /// The test's own local KMS, in `kms/` of the test's folder, with one
 /// symmetric key: what the volumes of the test are made and unlocked with.
@@ -393,34 +391,16 @@ pub fn run_ok(command: &mut Command) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-/// A client that speaks the protocol byte by byte over a blocking socket.
-pub struct RawClient {
-    pub stream: UnixStream,
-    pub flags: TransmissionFlags,
-    pub size: u64,
-}
+/// The tests' raw client (`client::Client`) for tests in which any failure
+/// is the test's failure: every step panics instead of returning an error,
+/// and every request goes out as it is sent.
+pub struct RawClient(Client);
 
-/// A reply as the raw client read it.
-#[derive(Debug, PartialEq, Eq)]
-pub enum RawReply {
-    Simple {
-        cookie: u64,
-        error: u32,
-        data: Vec<u8>,
-    },
-    Chunk {
-        cookie: u64,
-        flags: u16,
-        kind: ReplyType,
-        payload: Vec<u8>,
-    },
-}
+impl std::ops::Deref for RawClient {
+    type Target = Client;
 
-impl RawReply {
-    pub fn cookie(&self) -> u64 {
-        match self {
-            RawReply::Simple { cookie, .. } | RawReply::Chunk { cookie, .. } => *cookie,
-        }
+    fn deref(&self) -> &Client {
+        &self.0
     }
 }
 
@@ -428,65 +408,15 @@ impl RawClient {
     /// Greets, optionally negotiates structured replies and
     /// `base:allocation`, then `NBD_OPT_GO` to `export`.
     pub fn connect(socket: &Path, export: &str, structured: bool) -> Self {
-        let mut stream = UnixStream::connect(socket).unwrap();
-        let mut greeting = [0; 18];
-        stream.read_exact(&mut greeting).unwrap();
-        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
-        stream.write_all(&3u32.to_be_bytes()).unwrap();
-        let mut client = RawClient {
-            stream,
-            flags: TransmissionFlags::EMPTY,
-            size: 0,
-        };
-        if structured {
-            client.option(OptionCode::STRUCTURED_REPLY, &[]);
-            assert_eq!(client.option_reply().0, OptionReplyType::ACK);
-            let mut data = (export.len() as u32).to_be_bytes().to_vec();
-            data.extend_from_slice(export.as_bytes());
-            data.extend_from_slice(&1u32.to_be_bytes());
-            data.extend_from_slice(&15u32.to_be_bytes());
-            data.extend_from_slice(b"base:allocation");
-            client.option(OptionCode::SET_META_CONTEXT, &data);
-            assert_eq!(client.option_reply().0, OptionReplyType::META_CONTEXT);
-            assert_eq!(client.option_reply().0, OptionReplyType::ACK);
-        }
-        let mut data = (export.len() as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&1u16.to_be_bytes());
-        data.extend_from_slice(&InfoType::BLOCK_SIZE.0.to_be_bytes());
-        client.option(OptionCode::GO, &data);
-        loop {
-            let (kind, data) = client.option_reply();
-            match kind {
-                OptionReplyType::ACK => break,
-                OptionReplyType::INFO if data[..2] == [0, 0] => {
-                    client.size = u64::from_be_bytes(data[2..10].try_into().unwrap());
-                    client.flags = TransmissionFlags(u16::from_be_bytes([data[10], data[11]]));
-                }
-                OptionReplyType::INFO => {}
-                other => panic!("GO failed: {other:?} {}", String::from_utf8_lossy(&data)),
-            }
-        }
-        client
+        RawClient(Client::connect_with(socket, export, structured).unwrap())
     }
 
     pub fn option(&mut self, code: OptionCode, data: &[u8]) {
-        let mut msg = IHAVEOPT.to_be_bytes().to_vec();
-        msg.extend_from_slice(&code.0.to_be_bytes());
-        msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        msg.extend_from_slice(data);
-        self.stream.write_all(&msg).unwrap();
+        self.0.option(code, data).unwrap();
     }
 
     pub fn option_reply(&mut self) -> (OptionReplyType, Vec<u8>) {
-        let mut header = [0; 20];
-        self.stream.read_exact(&mut header).unwrap();
-        assert_eq!(&header[..8], &OPTION_REPLY_MAGIC.to_be_bytes());
-        let kind = OptionReplyType(u32::from_be_bytes(header[12..16].try_into().unwrap()));
-        let len = u32::from_be_bytes(header[16..20].try_into().unwrap());
-        let mut data = vec![0; len as usize];
-        self.stream.read_exact(&mut data).unwrap();
-        (kind, data)
+        self.0.option_reply().unwrap()
     }
 
     pub fn send(
@@ -498,54 +428,25 @@ impl RawClient {
         length: u32,
         payload: &[u8],
     ) {
-        let header = RequestHeader {
-            flags,
-            command,
-            cookie,
-            offset,
-            length,
-        };
-        self.stream.write_all(&header.encode()).unwrap();
-        self.stream.write_all(payload).unwrap();
+        self.0
+            .send(command, flags, cookie, offset, length, payload)
+            .unwrap();
+        self.0.push().unwrap();
     }
 
-    /// The next reply. A simple reply's data length is not on the wire;
-    /// `read_len` says how much a successful simple read reply carries.
+    /// The next reply; `read_len` says how much a successful simple read
+    /// reply carries.
     pub fn reply(&mut self, read_len: impl Fn(u64) -> usize) -> RawReply {
-        let mut magic = [0; 4];
-        self.stream.read_exact(&mut magic).unwrap();
-        let magic = u32::from_be_bytes(magic);
-        if magic == SIMPLE_REPLY_MAGIC {
-            let mut rest = [0; 12];
-            self.stream.read_exact(&mut rest).unwrap();
-            let error = u32::from_be_bytes(rest[..4].try_into().unwrap());
-            let cookie = u64::from_be_bytes(rest[4..].try_into().unwrap());
-            let mut data = vec![0; if error == 0 { read_len(cookie) } else { 0 }];
-            self.stream.read_exact(&mut data).unwrap();
-            RawReply::Simple {
-                cookie,
-                error,
-                data,
-            }
-        } else {
-            assert_eq!(magic, STRUCTURED_REPLY_MAGIC, "bad reply magic");
-            let mut rest = [0; 16];
-            self.stream.read_exact(&mut rest).unwrap();
-            let len = u32::from_be_bytes(rest[12..].try_into().unwrap());
-            let mut payload = vec![0; len as usize];
-            self.stream.read_exact(&mut payload).unwrap();
-            RawReply::Chunk {
-                cookie: u64::from_be_bytes(rest[4..12].try_into().unwrap()),
-                flags: u16::from_be_bytes([rest[0], rest[1]]),
-                kind: ReplyType(u16::from_be_bytes([rest[2], rest[3]])),
-                payload,
-            }
-        }
+        self.0.next_reply(read_len).unwrap()
     }
 
     /// Whether the server has closed the connection (reads end of file).
     pub fn closed(&mut self) -> bool {
-        let mut byte = [0; 1];
-        matches!(self.stream.read(&mut byte), Ok(0))
+        self.0.closed()
+    }
+
+    /// Another handle on the socket, for bytes the test writes itself.
+    pub fn stream(&mut self) -> UnixStream {
+        self.0.socket().unwrap()
     }
 }
