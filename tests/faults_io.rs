@@ -22,7 +22,7 @@ use std::process::{Child, Command as Process, Stdio};
 use std::time::Duration;
 
 use common::client::Client;
-use common::{Env, Mount, Server, tool, tool_ok};
+use common::{Env, Mount, Server, create_args, s, tool, tool_ok};
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
 
 const MIB: u64 = 1 << 20;
@@ -83,19 +83,7 @@ fn a_full_file_system_gives_enospc_and_loses_nothing() {
     let filler = fs.mnt.join("filler");
     std::fs::write(&filler, vec![7u8; 4 * MIB as usize]).unwrap();
     let path = fs.mnt.join("v.vol");
-    env.ok(&[
-        "volume",
-        "create",
-        path.to_str().unwrap(),
-        "--size",
-        "128M",
-        "--kms-key",
-        "alias/faults",
-        "--db-id",
-        common::DB,
-        "--vol-id",
-        "vol-full",
-    ]);
+    env.ok(&create_args(s(&path), "128M", "alias/faults", "vol-full"));
     let server = Server::start(&env, "nbd.sock", &[path.to_str().unwrap()]);
     let mut c = Client::connect(&server.socket, "").unwrap();
 
@@ -301,19 +289,7 @@ fn after_a_failed_flush_every_flush_fails() {
     env.key("alias/faults");
     let small = Mount::tmpfs(&env, "small", "24M", false);
     let path = small.dir.join("v.vol");
-    env.ok(&[
-        "volume",
-        "create",
-        path.to_str().unwrap(),
-        "--size",
-        "64M",
-        "--kms-key",
-        "alias/faults",
-        "--db-id",
-        common::DB,
-        "--vol-id",
-        "vol-flush",
-    ]);
+    env.ok(&create_args(s(&path), "64M", "alias/faults", "vol-flush"));
     let device = Loop::new(&path);
     let server = Server::start(&env, "nbd.sock", &[&device.0]);
     let mut c = Client::connect(&server.socket, "").unwrap();

@@ -16,7 +16,17 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::client::Client;
-use common::{DB, Env};
+use common::{DB, Env, attach_args, create_args, s};
+
+/// The volume at `path`, unlocked in this process under the test's DB id.
+fn open(path: &Path, kms: &nbdcrypt::kms::LocalKms, read_only: bool) -> nbdcrypt::volume::Volume {
+    let opts = nbdcrypt::volume::AttachOptions {
+        db_id: DB.into(),
+        read_only,
+        allow_discards: false,
+    };
+    nbdcrypt::volume::Volume::open(path, kms, &opts).unwrap()
+}
 
 /// Every 16-byte window of every secret: any of them found anywhere, raw,
 /// in hex or in base64, is a leak.
@@ -154,29 +164,9 @@ fn no_key_bytes_in_output_logs_errors_debug_or_files() {
     ]));
     let vol = env.path("s.vol");
     let vol_s = vol.to_str().unwrap();
-    assert!(run(&[
-        "volume",
-        "create",
-        vol_s,
-        "--size",
-        "64M",
-        "--kms-key",
-        "alias/s",
-        "--db-id",
-        DB,
-        "--vol-id",
-        "vol-secret",
-    ]));
+    assert!(run(&create_args(vol_s, "64M", "alias/s", "vol-secret")));
     let key_file = env.path("vk.bin");
-    assert!(run(&[
-        "volume",
-        "export-key",
-        vol_s,
-        "--out",
-        key_file.to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]));
+    assert!(run(&attach_args("export-key", vol_s, s(&key_file))));
     let volume_key = fs::read(&key_file).unwrap();
     assert_eq!(volume_key.len(), 64);
     let root_key = fs::read(env.kms_dir().join("root.key")).unwrap();
@@ -219,15 +209,7 @@ fn no_key_bytes_in_output_logs_errors_debug_or_files() {
         "db-SOMEONEELSE",
     ]));
     assert!(run(&["kms", "disable-key", &t_id]));
-    assert!(!run(&[
-        "volume",
-        "export-key",
-        vol_s,
-        "--out",
-        "/dev/null",
-        "--db-id",
-        DB
-    ]));
+    assert!(!run(&attach_args("export-key", vol_s, "/dev/null")));
     assert!(run(&["kms", "enable-key", &t_id]));
     let other = env.path("other.vol");
     fs::write(&other, vec![0x4c; 1 << 20]).unwrap();
@@ -270,12 +252,7 @@ fn no_key_bytes_in_output_logs_errors_debug_or_files() {
 
     // Debug output of everything that holds or wraps a key.
     let kms = nbdcrypt::kms::LocalKms::open(&env.kms_dir()).unwrap();
-    let opts = nbdcrypt::volume::AttachOptions {
-        db_id: DB.into(),
-        read_only: true,
-        allow_discards: false,
-    };
-    let volume = nbdcrypt::volume::Volume::open(&vol, &kms, &opts).unwrap();
+    let volume = open(&vol, &kms, true);
     let file = fs::File::open(&vol).unwrap();
     let (header, key) = nbdcrypt::volume::unlock(&vol, &file, &kms, DB).unwrap();
     assert_eq!(
@@ -499,15 +476,7 @@ fn keys_live_only_in_locked_memory_and_not_after_the_volume_is_closed() {
     env.key("alias/z");
     let vol = env.volume("z.vol", "16M", "alias/z", "vol-zero");
     let key_file = env.path("vk.bin");
-    env.ok(&[
-        "volume",
-        "export-key",
-        vol.to_str().unwrap(),
-        "--out",
-        key_file.to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]);
+    env.ok(&attach_args("export-key", s(&vol), s(&key_file)));
     let key = Fingerprints::of_file(&key_file);
     let root = Fingerprints::of_file(&env.kms_dir().join("root.key"));
     assert_eq!(
@@ -517,12 +486,7 @@ fn keys_live_only_in_locked_memory_and_not_after_the_volume_is_closed() {
     );
 
     let kms = nbdcrypt::kms::LocalKms::open(&env.kms_dir()).unwrap();
-    let opts = nbdcrypt::volume::AttachOptions {
-        db_id: DB.into(),
-        read_only: false,
-        allow_discards: false,
-    };
-    let volume = nbdcrypt::volume::Volume::open(&vol, &kms, &opts).unwrap();
+    let volume = open(&vol, &kms, false);
     // The cipher's backends spill pieces of the round keys to the stack,
     // which the cipher wipes after every pass.
     let mut buf = vec![7; 8192];

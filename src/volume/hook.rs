@@ -71,7 +71,7 @@ impl Volume {
 
     /// Called by every change, with the range's stripes held.
     pub(super) fn before_change(&self, offset: u64, len: u64) {
-        if !self.hook.active.load(Ordering::Acquire) {
+        if !self.hooked() {
             return;
         }
         let hook = self

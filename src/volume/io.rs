@@ -15,9 +15,6 @@ use std::io;
 
 use crate::volume::{Allocation, Volume};
 
-/// Zeroing large ranges goes through a buffer of this size.
-const ZERO_CHUNK: usize = 1 << 20;
-
 /// Writes go to the backing store in pieces of at most this size, each
 /// encrypted just before it is written, for two reasons:
 /// - The page cache gives a write folios as large as the write (ext4 since
@@ -206,7 +203,7 @@ impl Volume {
 
     fn write_encrypted_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
-        let mut buf = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        let mut buf = vec![0u8; WRITE_PIECE.min(len as usize)];
         while offset < end {
             let n = ((end - offset) as usize).min(buf.len());
             buf[..n].fill(0);
