@@ -32,6 +32,7 @@ fn volume(dir: &std::path::Path) -> Volume {
         db_id: DB.into(),
         vol_id: "vol-bench".into(),
         force: false,
+        preallocate: false,
     };
     create(&path, &kms, &opts).expect("a new volume");
     let attach = AttachOptions {

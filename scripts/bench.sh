@@ -26,6 +26,7 @@
 #   RUNTIME=10          seconds per fio job (plus 2 s ramp)
 #   PEER_SERVERS="nbdkit-file nbdkit-luks qemu-nbd-luks"   (names from peers.sh)
 #   WAIT_IDLE=<loadavg> wait (up to 300 s) for a quieter machine before each server
+#   VOLUME_FLAGS=--preallocate   extra flags of nbdcrypt's `volume create`
 #   PEERS=../shared/bench/peers.sh   BENCH_DIR=$TMPDIR/nbdcrypt-bench
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,7 @@ RUNTIME=${RUNTIME:-10}
 PEER_SERVERS=${PEER_SERVERS:-"nbdkit-file nbdkit-luks qemu-nbd-luks"}
 PEERS=${PEERS:-../shared/bench/peers.sh}
 BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}/nbdcrypt-bench}
+export NBDCRYPT_VOLUME_FLAGS=${VOLUME_FLAGS:-}
 TARGET=${CARGO_TARGET_DIR:-target}
 RESULTS=$(mktemp -d)
 trap 'rm -rf "$RESULTS"' EXIT
@@ -96,7 +98,7 @@ export NBDCRYPT_KMS_DIR=$WORK/nbdcrypt-kms
 rm -rf "$NBDCRYPT_KMS_DIR" "$WORK/nbdcrypt.vol"
 "$NBDCRYPT_BIN" kms create-key --alias alias/bench >/dev/null
 "$NBDCRYPT_BIN" volume create "$WORK/nbdcrypt.vol" --size "$SIZE" --kms-key alias/bench \
-    --db-id '"$DB"' --vol-id vol-bench >/dev/null
+    --db-id '"$DB"' --vol-id vol-bench $NBDCRYPT_VOLUME_FLAGS >/dev/null
 exec $NBDCRYPT_TASKSET python3 "$NBDCRYPT_RSS_WRAPPER" "$NBDCRYPT_RSS_FILE" \
     "$NBDCRYPT_BIN" serve --unix "$SOCK" --db-id '"$DB"' "$WORK/nbdcrypt.vol"'
 

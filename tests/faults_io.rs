@@ -3,6 +3,7 @@
 //! every acknowledged write is still there afterwards, across a restart.
 //!
 //! - ENOSPC: the volume lives on a small ext4 file system on a loop device;
+//!   a preallocated one is written in full after the rest fills up;
 //!   the volume file is sparse, so writes fill the file system up.
 //! - EIO: the volume file is served by nbdkit's file plugin under its error
 //!   filter and seen through nbdfuse as a file (device-mapper's `error`
@@ -17,6 +18,8 @@
 
 mod common;
 
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::time::Duration;
@@ -126,6 +129,55 @@ fn a_full_file_system_gives_enospc_and_loses_nothing() {
     let mut c = Client::connect(&server.socket, "").unwrap();
     for (at, data) in &acked {
         assert_eq!(&c.read(*at, data.len() as u32).unwrap(), data);
+    }
+    drop(c);
+    assert!(server.stop().success());
+}
+
+#[test]
+fn a_preallocated_volume_never_runs_out_of_space() {
+    let env = Env::new();
+    env.key("alias/faults");
+    let fs = SmallFs::new(&env, "40M");
+    let path = fs.mnt.join("v.vol");
+    let mut args = create_args(s(&path), "64M", "alias/faults", "vol-thick");
+    args.push("--preallocate");
+    let err = env.fails(&args);
+    assert!(
+        err.contains("cannot reserve") && err.contains("No space left"),
+        "{err}"
+    );
+    assert!(!path.exists(), "a failed create leaves nothing behind");
+
+    let mut args = create_args(s(&path), "12M", "alias/faults", "vol-thick");
+    args.push("--preallocate");
+    env.ok(&args);
+    let reserved = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(reserved >= 12 * MIB, "only {reserved} bytes reserved");
+    // Everything else on the file system is taken.
+    let mut filler = std::fs::File::create(fs.mnt.join("filler")).unwrap();
+    let chunk = vec![7u8; MIB as usize];
+    while filler
+        .write_all(&chunk)
+        .and_then(|()| filler.sync_all())
+        .is_ok()
+    {}
+
+    // Every byte of the volume can still be written, at any alignment.
+    let server = Server::start(&env, "nbd.sock", &[path.to_str().unwrap()]);
+    let mut c = Client::connect(&server.socket, "").unwrap();
+    let data = common::random_bytes(12 * MIB as usize);
+    let piece = MIB as usize - 1000;
+    for (i, part) in data.chunks(piece).enumerate() {
+        assert_eq!(write(&mut c, (i * piece) as u64, part), 0, "write {i}");
+    }
+    c.flush().unwrap();
+    drop(c);
+    assert!(server.stop().success());
+    let server = Server::start(&env, "nbd.sock", &[path.to_str().unwrap()]);
+    let mut c = Client::connect(&server.socket, "").unwrap();
+    for (i, part) in data.chunks(MIB as usize).enumerate() {
+        assert_eq!(c.read(i as u64 * MIB, part.len() as u32).unwrap(), part);
     }
     drop(c);
     assert!(server.stop().success());

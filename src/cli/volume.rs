@@ -20,7 +20,8 @@ pub struct VolumeArgs {
 
 #[derive(Subcommand, Debug)]
 enum VolumeCommand {
-    /// Create an encrypted volume in a new file (sparse) or on a block device.
+    /// Create an encrypted volume in a new file (sparse, unless
+    /// --preallocate) or on a block device.
     Create {
         /// The file or block device to create the volume in.
         path: PathBuf,
@@ -43,6 +44,12 @@ enum VolumeCommand {
         /// Overwrite a file or device that already holds data.
         #[arg(long)]
         force: bool,
+        /// Reserve the file's space now (fallocate), as a thick volume: a
+        /// write can then never fail for lack of space, and first writes
+        /// skip the file system's block allocation. TRIM under
+        /// --allow-discards gives space back. A device has its space already.
+        #[arg(long)]
+        preallocate: bool,
     },
     /// Show a volume's header: ids, cipher, sizes, KMS key and context. Needs no key.
     Inspect { path: PathBuf },
@@ -99,6 +106,7 @@ pub fn run(args: VolumeArgs, global: &Global) -> CliResult {
             vol_id,
             sector_size,
             force,
+            preallocate,
         } => {
             let kms = open_kms(global)?;
             let opts = CreateOptions {
@@ -108,6 +116,7 @@ pub fn run(args: VolumeArgs, global: &Global) -> CliResult {
                 db_id,
                 vol_id,
                 force,
+                preallocate,
             };
             let header = volume::create(&path, &kms, &opts)?;
             if global.json {

@@ -106,6 +106,7 @@ pub fn restore(
                 vol_id: opts.vol_id.clone(),
                 // The target's own empty, sparse partial file.
                 force: true,
+                preallocate: false,
             },
         )?;
         restored.kms_key_id = created

@@ -41,6 +41,7 @@ fn fixture() -> Fixture {
             db_id: DB.into(),
             vol_id: VOL.into(),
             force: false,
+            preallocate: false,
         },
     )
     .unwrap();

@@ -162,6 +162,13 @@ impl Backing {
         })
     }
 
+    /// Allocates the file's first `len` bytes, so that writing them never
+    /// fails for lack of space and skips the file system's block allocation.
+    /// What was not written before reads as zeros.
+    pub fn reserve(&self, len: u64) -> io::Result<()> {
+        fallocate(&self.file, FallocateFlags::empty(), 0, to_off(len)?).map_err(io::Error::from)
+    }
+
     /// Makes the range read as zero bytes without writing them: a punched
     /// hole in a file, BLKZEROOUT on a device (which unmaps where it can).
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -21,6 +21,13 @@ pub enum VolumeError {
     #[error("{}: exists and holds data; pass --force to overwrite it (its contents will be lost)", .0.display())]
     HoldsData(PathBuf),
 
+    #[error("{}: cannot reserve {len} bytes: {source}; create the volume without --preallocate to have it sparse", path.display())]
+    Reserve {
+        path: PathBuf,
+        len: u64,
+        source: std::io::Error,
+    },
+
     #[error("{}: --size is required when creating a volume in a file", .0.display())]
     SizeRequired(PathBuf),
 

@@ -31,6 +31,8 @@ pub struct CreateOptions {
     pub vol_id: String,
     /// Overwrite a file or device that holds data.
     pub force: bool,
+    /// Reserve a file's space now (a device has its space already).
+    pub preallocate: bool,
 }
 
 /// How a volume is attached.
@@ -156,14 +158,22 @@ fn format(
     let mut header = Header::format(&params, &data_key.plaintext, &token).map_err(header_err)?;
 
     // The data area must read as zeros, like a new EBS volume: a file is cut
-    // to nothing and regrown sparse; a device's old contents are zeroed.
+    // to nothing and regrown sparse, or reserved (unwritten extents read as
+    // zeros too); a device's old contents are zeroed.
     match backing.kind() {
         BackingKind::File => {
             backing.file().set_len(0).map_err(io)?;
-            backing
-                .file()
-                .set_len(DEFAULT_DATA_OFFSET + size)
-                .map_err(io)?;
+            let len = DEFAULT_DATA_OFFSET + size;
+            if opts.preallocate {
+                backing
+                    .reserve(len)
+                    .map_err(|source| VolumeError::Reserve {
+                        path: path.to_owned(),
+                        len,
+                        source,
+                    })?;
+            }
+            backing.file().set_len(len).map_err(io)?;
         }
         BackingKind::BlockDevice => {
             backing

@@ -14,6 +14,10 @@ struct Fixture {
 }
 
 fn fixture(size: u64, sector_size: u32) -> Fixture {
+    fixture_with(size, sector_size, false)
+}
+
+fn fixture_with(size: u64, sector_size: u32, preallocate: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let kms = LocalKms::open(&dir.path().join("kms")).unwrap();
     let key = kms
@@ -31,6 +35,7 @@ fn fixture(size: u64, sector_size: u32) -> Fixture {
         db_id: DB.into(),
         vol_id: "vol-0123abcd".into(),
         force: false,
+        preallocate,
     };
     create(&path, &kms, &opts).unwrap();
     Fixture {
@@ -61,18 +66,24 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn fresh_volume_reads_zeros_at_any_alignment() {
-    let f = fixture(1 << 20, 4096);
-    let v = open(&f, false, false);
-    for (offset, len) in [
-        (0, 4096),
-        (1, 1),
-        (4095, 2),
-        (100_000, 70_000),
-        ((1 << 20) - 1, 1),
-    ] {
-        let mut buf = vec![0xAAu8; len];
-        v.read(offset, &mut buf).unwrap();
-        assert!(buf.iter().all(|&b| b == 0), "{offset}+{len}");
+    use std::os::unix::fs::MetadataExt;
+    for preallocate in [false, true] {
+        let f = fixture_with(1 << 20, 4096, preallocate);
+        let reserved = std::fs::metadata(&f.path).unwrap().blocks() * 512;
+        let len = std::fs::metadata(&f.path).unwrap().len();
+        assert_eq!(reserved >= len, preallocate, "{reserved} of {len} bytes");
+        let v = open(&f, false, false);
+        for (offset, len) in [
+            (0, 4096),
+            (1, 1),
+            (4095, 2),
+            (100_000, 70_000),
+            ((1 << 20) - 1, 1),
+        ] {
+            let mut buf = vec![0xAAu8; len];
+            v.read(offset, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "{offset}+{len}");
+        }
     }
 }
 

@@ -71,6 +71,7 @@ impl TestKms {
             db_id: DB.into(),
             vol_id: format!("vol-{name}"),
             force: false,
+            preallocate: false,
         };
         volume::create(&path, &self.kms, &opts).unwrap();
         self.open(&path, attach)
