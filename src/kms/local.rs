@@ -1,6 +1,8 @@
 //! The local KMS: every AWS KMS operation we offer, each one audited call
-//! that holds the directory lock, reads the key store, acts, writes the
-//! store back if it changed, and appends its audit record before returning.
+//! that holds the directory lock, reads the key store, acts, appends its
+//! audit record, and only then writes the store back if it changed: no
+//! change is kept that the log does not tell of. If the store cannot be
+//! written after all, a second record of the same call says so.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -412,7 +414,6 @@ impl LocalKms {
         if done.is_empty() {
             return Ok(());
         }
-        store.save(&self.paths.store, &self.root)?;
         for (name, id) in done {
             let arn = partition.key_arn(id);
             let event = Event {
@@ -428,7 +429,9 @@ impl LocalKms {
             };
             audit::append(&self.paths, &self.root.audit_chain, &event)?;
         }
-        Ok(())
+        // Not saved: the next start finds the same work due, and does it
+        // and records it again.
+        store.save(&self.paths.store, &self.root)
     }
 
     fn add_material(&self, key: &mut StoredKey, now: Timestamp, how: RotationType) {
@@ -455,7 +458,7 @@ impl LocalKms {
         let mut request = request;
         let mut resources = Vec::new();
         let mut response = None;
-        let result = (|| {
+        let outcome = (|| {
             fsio::check_private(&self.paths.store)?;
             let store = Store::load(
                 &self.paths.store,
@@ -473,24 +476,38 @@ impl LocalKms {
                 response: &mut response,
             };
             let value = op(&mut call)?;
-            if call.dirty {
-                call.store.save(&self.paths.store, &self.root)?;
-            }
-            Ok(value)
+            Ok((value, call.dirty.then_some(call.store)))
         })();
-        let event = Event {
+        let record = |response, error| Event {
             name,
             time: now,
             partition: &self.partition,
-            request,
-            resources,
-            response: if result.is_ok() { response } else { None },
-            error: result.as_ref().err(),
+            request: request.clone(),
+            resources: resources.clone(),
+            response,
+            error,
             read_only,
             by_service: false,
         };
-        audit::append(&self.paths, &self.root.audit_chain, &event)?;
-        result
+        let (value, changed) = match outcome {
+            Ok(done) => done,
+            Err(e) => {
+                audit::append(&self.paths, &self.root.audit_chain, &record(None, Some(&e)))?;
+                return Err(e);
+            }
+        };
+        audit::append(
+            &self.paths,
+            &self.root.audit_chain,
+            &record(response.clone(), None),
+        )?;
+        if let Some(store) = changed
+            && let Err(e) = store.save(&self.paths.store, &self.root)
+        {
+            audit::append(&self.paths, &self.root.audit_chain, &record(None, Some(&e)))?;
+            return Err(e);
+        }
+        Ok(value)
     }
 
     pub fn create_key(&self, req: &CreateKeyRequest) -> Result<KeyMetadata, KmsError> {
@@ -1488,6 +1505,49 @@ mod tests {
         let sym = symmetric(&kms);
         let err = kms.sign(&sym, b"hello", MessageType::Raw, alg).unwrap_err();
         assert_eq!(err.aws_code(), "InvalidKeyUsageException");
+    }
+
+    #[test]
+    fn no_change_is_kept_that_the_audit_log_does_not_tell_of() {
+        use std::os::unix::fs::DirBuilderExt;
+        let (_d, kms) = kms();
+        let key = symmetric(&kms);
+        let state = |kms: &LocalKms| kms.describe_key(&key).unwrap().key_state;
+        let names = |kms: &LocalKms| -> Vec<String> {
+            let all = kms.audit_records(&audit::Filter::default()).unwrap();
+            let name = |r: &Value| format!("{} {}", r["eventName"], r["errorCode"]);
+            all.iter().map(name).collect()
+        };
+        let blocked = |path: &Path| {
+            std::fs::DirBuilder::new().mode(0o700).create(path).unwrap();
+        };
+
+        // The log cannot be appended to: the key stays enabled.
+        let log = kms.dir().join("audit.log");
+        let aside = kms.dir().join("audit.log.aside");
+        std::fs::rename(&log, &aside).unwrap();
+        blocked(&log);
+        let err = kms.disable_key(&key).unwrap_err();
+        assert!(err.to_string().contains("audit log"), "{err}");
+        std::fs::remove_dir(&log).unwrap();
+        std::fs::rename(&aside, &log).unwrap();
+        assert_eq!(state(&kms), KeyState::Enabled);
+
+        // The store cannot be written after the record: a second record
+        // says the call failed, and the key is still enabled.
+        let mut tmp = kms.paths.store.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        blocked(&tmp);
+        kms.disable_key(&key).unwrap_err();
+        std::fs::remove_dir(&tmp).unwrap();
+        assert_eq!(state(&kms), KeyState::Enabled);
+        let names = names(&kms);
+        // CreateKey, DescribeKey, then the second DisableKey twice.
+        assert_eq!(names.len(), 5, "{names:?}");
+        assert_eq!(names[2], "\"DisableKey\" null");
+        assert!(names[3].starts_with("\"DisableKey\" \""), "{names:?}");
+        kms.audit_verify().unwrap();
     }
 
     #[test]
