@@ -6,7 +6,7 @@
 //! cipher sees fresh tweaks and the page cache fresh pages.
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use nbdcrypt::kms::{CreateKeyRequest, KeySpec, LocalKms};
@@ -84,5 +84,54 @@ fn data_path(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, data_path);
+/// The same data path from one thread and from two at once, each on its
+/// own half of the volume, as the blocking pool runs one connection's large
+/// requests: whether crypto and I/O grow with cores when no client shares
+/// them (end to end on two CPUs, the client takes a share).
+fn threads(c: &mut Criterion) {
+    const LEN: usize = 1 << 20;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let vol = volume(dir.path());
+    let mut fill = vec![0x5au8; LEN];
+    for offset in (0..SIZE).step_by(LEN) {
+        vol.write(offset, &mut fill).expect("prefill");
+    }
+
+    let mut group = c.benchmark_group("volume_threads");
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Bytes(LEN as u64));
+    for write in [false, true] {
+        for threads in [1u64, 2] {
+            let name = format!("{}/{threads}", if write { "write" } else { "read" });
+            group.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    std::thread::scope(|s| {
+                        for t in 0..threads {
+                            let vol = &vol;
+                            s.spawn(move || {
+                                let mut buf = vec![0x33u8; LEN];
+                                let half = SIZE / threads;
+                                let slots = half / LEN as u64;
+                                for i in (t..iters).step_by(threads as usize) {
+                                    let at = t * half + (i * 7 % slots) * LEN as u64;
+                                    if write {
+                                        vol.write(at, black_box(&mut buf)).unwrap();
+                                    } else {
+                                        vol.read(at, black_box(&mut buf)).unwrap();
+                                    }
+                                }
+                            });
+                        }
+                    });
+                    start.elapsed()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, data_path, threads);
 criterion_main!(benches);

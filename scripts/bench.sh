@@ -4,7 +4,8 @@
 # Sector cipher: the criterion bench (benches/xts.rs: our AES-XTS both ways at
 # 4096- and 512-byte sectors, raw AES-256-ECB through the same `aes` crate,
 # the xts-mode crate) beside `openssl speed -evp aes-256-xts` at the same
-# sizes.
+# sizes; and the volume's data path without the network from one thread and
+# from two (benches/volume.rs), for how it scales with cores.
 #
 # End to end: `nbdcrypt serve` (release build, a fresh 1 GiB volume on the
 # embedded local KMS) in the same runs of the shared peer benchmark
@@ -75,8 +76,15 @@ crypto_round() {
         cat "$RESULTS/criterion.log" >&2
         return 1
     fi
+    if ! cargo bench --quiet --bench volume -- volume_threads --noplot >>"$RESULTS/criterion.log" 2>&1; then
+        cat "$RESULTS/criterion.log" >&2
+        return 1
+    fi
     for dir in "$TARGET"/criterion/xts/*/new; do
         cp "$dir/estimates.json" "$RESULTS/$(basename "$(dirname "$dir")").$round.criterion"
+    done
+    for dir in "$TARGET"/criterion/volume_threads/*/new; do
+        cp "$dir/estimates.json" "$RESULTS/threads_$(basename "$(dirname "$dir")").$round.criterion"
     done
     for direction in encrypt decrypt; do
         flag=()
@@ -218,6 +226,13 @@ for direction in ("encrypt", "decrypt"):
         print(f"{'openssl ' + direction + ' ' + str(size):28} {openssl:7.2f} {'':>10} {openssl / ecb:10.2f}")
     print(f"{'raw AES-256-ECB ' + direction:28} {ecb:7.2f}")
 print(f"{'xts-mode encrypt 4096':28} {best('xts-mode_encrypt_4096'):7.2f}")
+
+print("\nData path without the network (benches/volume.rs): 1 MiB reads and writes through the")
+print("volume, page cache and cipher, from 1 thread and from 2 at once; best of the rounds, GB/s")
+print(f"{'':28} {'1 thread':>9} {'2 threads':>10} {'x':>6}")
+for op in ("read", "write"):
+    one, two = best(f"threads_{op}_1"), best(f"threads_{op}_2")
+    print(f"{'1 MiB ' + op + 's':28} {one:9.2f} {two:10.2f} {two / one:6.2f}")
 EOF
 fi
 
