@@ -33,6 +33,9 @@ const ZERO_DIGEST: [u8; 32] = [0; 32];
 /// One KMS call, as the audit log records it.
 pub struct Event<'a> {
     pub name: &'static str,
+    /// One per call: a call whose change could not be kept after its record
+    /// was written has a second record, of the error, with the same id.
+    pub request_id: uuid::Uuid,
     pub time: Timestamp,
     pub partition: &'a Partition,
     /// The request, without any plaintext or key material.
@@ -93,7 +96,7 @@ impl Event<'_> {
             "responseElements".into(),
             self.response.clone().unwrap_or(Value::Null),
         );
-        record.insert("requestID".into(), json!(uuid::Uuid::new_v4().to_string()));
+        record.insert("requestID".into(), json!(self.request_id.to_string()));
         record.insert("eventID".into(), json!(uuid::Uuid::new_v4().to_string()));
         record.insert("readOnly".into(), json!(self.read_only));
         record.insert("resources".into(), Value::Array(resources));
@@ -128,8 +131,8 @@ fn digest_of(key: &SecretBytes, record: &Map<String, Value>) -> [u8; 32] {
     mac(key, &[b"audit record", body.as_bytes()])
 }
 
-/// Appends `event` to the log of `paths`. The caller holds the directory
-/// lock.
+/// Appends `event` to the log of `paths`; once it returns, the record is
+/// durable in the log. The caller holds the directory lock.
 pub fn append(paths: &Paths, key: &SecretBytes, event: &Event<'_>) -> Result<(), KmsError> {
     let path = &paths.audit;
     let existed = path.exists();
@@ -163,7 +166,13 @@ pub fn append(paths: &Paths, key: &SecretBytes, event: &Event<'_>) -> Result<(),
         digest,
     };
     let head = serde_json::to_vec(&head).expect("the head serializes");
-    fsio::write_atomic(&paths.audit_head, &head)
+    // The record is in the log, so the call is recorded: what it did stands.
+    // `verify` accepts a head one record behind (as after a crash here) and
+    // reports one further behind.
+    if let Err(e) = fsio::write_atomic(&paths.audit_head, &head) {
+        tracing::warn!(error = %e, "the audit record was written, but the audit head could not be updated; `kms audit verify` reports it if this happens again");
+    }
+    Ok(())
 }
 
 /// The sequence and digest of the last complete record. A trailing partial
@@ -431,6 +440,7 @@ mod tests {
             let ctx = EncryptionContext::for_volume("db-1", &format!("vol-{i}"));
             let event = Event {
                 name: "Decrypt",
+                request_id: uuid::Uuid::new_v4(),
                 time: Timestamp::from_unix(1_700_000_000 + i as i64),
                 partition: p,
                 request: json!({"keyId": format!("k{i}"), "encryptionContext": ctx}),

@@ -62,19 +62,57 @@ fn tmp_path(path: &Path) -> PathBuf {
 /// the old or the new contents, never a mix: write a temporary file, fsync
 /// it, rename it over the old one, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KmsError> {
+    stage(path, bytes)?.commit()
+}
+
+/// The first half of [`write_atomic`]: the new contents, durable beside
+/// `path`, for a caller that has something to do (write an audit record)
+/// between what can fail slowly and the rename.
+pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged, KmsError> {
     let tmp = tmp_path(path);
+    let staged = Staged {
+        tmp,
+        path: path.to_owned(),
+        renamed: false,
+    };
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| KmsError::io("create", &tmp, e))?;
+        .open(&staged.tmp)
+        .map_err(|e| KmsError::io("create", &staged.tmp, e))?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
-        .map_err(|e| KmsError::io("write", &tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| KmsError::io("replace", path, e))?;
-    sync_dir(parent(path))
+        .map_err(|e| KmsError::io("write", &staged.tmp, e))?;
+    Ok(staged)
+}
+
+/// New contents written beside their file; dropped without a commit, they
+/// are removed and the file stays as it was.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    renamed: bool,
+}
+
+impl Staged {
+    /// Puts the new contents in place, durably.
+    pub fn commit(mut self) -> Result<(), KmsError> {
+        fs::rename(&self.tmp, &self.path).map_err(|e| KmsError::io("replace", &self.path, e))?;
+        self.renamed = true;
+        sync_dir(parent(&self.path))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.renamed {
+            // A stray file would only be truncated by the next stage.
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Creates `path` with `bytes` (mode 0600), refusing to replace an existing

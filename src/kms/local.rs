@@ -1,8 +1,11 @@
 //! The local KMS: every AWS KMS operation we offer, each one audited call
-//! that holds the directory lock, reads the key store, acts, appends its
-//! audit record, and only then writes the store back if it changed: no
-//! change is kept that the log does not tell of. If the store cannot be
-//! written after all, a second record of the same call says so.
+//! that holds the directory lock, reads the key store, acts, writes a
+//! changed store beside the old one, appends its audit record, and only
+//! then renames the new store into place: no change is kept that the log
+//! does not tell of. If the rename fails, a second record of the same call
+//! (same `requestID`) gives the error. A crash between the record and the
+//! rename leaves a record of a change the store does not have; the store
+//! is what holds.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -414,24 +417,39 @@ impl LocalKms {
         if done.is_empty() {
             return Ok(());
         }
-        for (name, id) in done {
-            let arn = partition.key_arn(id);
-            let event = Event {
-                name,
-                time: now,
-                partition: &partition,
-                request: json!({"keyId": arn}),
-                resources: vec![arn],
-                response: None,
-                error: None,
-                read_only: false,
-                by_service: true,
-            };
-            audit::append(&self.paths, &self.root.audit_chain, &event)?;
+        // As a call does (see the module comment). Whatever is not kept, the
+        // next start finds due again.
+        let staged = store.stage(&self.paths.store, &self.root)?;
+        let events: Vec<_> = done
+            .into_iter()
+            .map(|(name, id)| (name, Uuid::new_v4(), partition.key_arn(id)))
+            .collect();
+        let record = |(name, request_id, arn): &(&'static str, Uuid, String), error| Event {
+            name,
+            request_id: *request_id,
+            time: now,
+            partition: &partition,
+            request: json!({"keyId": arn}),
+            resources: vec![arn.clone()],
+            response: None,
+            error,
+            read_only: false,
+            by_service: true,
+        };
+        for event in &events {
+            audit::append(&self.paths, &self.root.audit_chain, &record(event, None))?;
         }
-        // Not saved: the next start finds the same work due, and does it
-        // and records it again.
-        store.save(&self.paths.store, &self.root)
+        if let Err(e) = staged.commit() {
+            for event in &events {
+                audit::append(
+                    &self.paths,
+                    &self.root.audit_chain,
+                    &record(event, Some(&e)),
+                )?;
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn add_material(&self, key: &mut StoredKey, now: Timestamp, how: RotationType) {
@@ -478,8 +496,10 @@ impl LocalKms {
             let value = op(&mut call)?;
             Ok((value, call.dirty.then_some(call.store)))
         })();
+        let request_id = Uuid::new_v4();
         let record = |response, error| Event {
             name,
+            request_id,
             time: now,
             partition: &self.partition,
             request: request.clone(),
@@ -489,20 +509,25 @@ impl LocalKms {
             read_only,
             by_service: false,
         };
-        let (value, changed) = match outcome {
+        let staged = outcome.and_then(|(value, changed)| {
+            let staged = changed.map(|s| s.stage(&self.paths.store, &self.root));
+            Ok((value, staged.transpose()?))
+        });
+        let (value, staged) = match staged {
             Ok(done) => done,
             Err(e) => {
                 audit::append(&self.paths, &self.root.audit_chain, &record(None, Some(&e)))?;
                 return Err(e);
             }
         };
+        // Dropped on an error here, the staged store is not kept.
         audit::append(
             &self.paths,
             &self.root.audit_chain,
             &record(response.clone(), None),
         )?;
-        if let Some(store) = changed
-            && let Err(e) = store.save(&self.paths.store, &self.root)
+        if let Some(staged) = staged
+            && let Err(e) = staged.commit()
         {
             audit::append(&self.paths, &self.root.audit_chain, &record(None, Some(&e)))?;
             return Err(e);
@@ -1382,18 +1407,41 @@ mod tests {
         let kms = LocalKms::open_with_clock(&path, None, clock.clone()).unwrap();
         assert_eq!(kms.list_keys().unwrap().len(), 1);
         now.store(T0 + 7 * SECONDS, Ordering::SeqCst);
+        // A store that cannot be replaced (made immutable, where the file
+        // system can): the start fails, records the deletion and then its
+        // failure, and the next start deletes the key.
+        let store = path.join("keystore");
+        let chattr = |flag| {
+            std::process::Command::new("chattr")
+                .args([flag, store.to_str().unwrap()])
+                .status()
+        };
+        let failed_once = chattr("+i").is_ok_and(|s| s.success());
+        if failed_once {
+            assert!(LocalKms::open_with_clock(&path, None, clock.clone()).is_err());
+            assert!(chattr("-i").unwrap().success());
+        }
         let kms = LocalKms::open_with_clock(&path, None, clock).unwrap();
         assert!(kms.list_keys().unwrap().is_empty());
         assert!(kms.list_aliases(None).unwrap().is_empty());
-        let store = std::fs::read_to_string(path.join("keystore")).unwrap();
-        assert!(!store.contains(&key), "the key's material must be gone");
+        let stored = std::fs::read_to_string(&store).unwrap();
+        assert!(!stored.contains(&key), "the key's material must be gone");
         let deletes = kms
             .audit_records(&audit::Filter {
                 event: Some("DeleteKey".into()),
                 ..audit::Filter::default()
             })
             .unwrap();
-        assert_eq!(deletes.len(), 1);
+        if failed_once {
+            assert_eq!(deletes.len(), 3);
+            assert!(deletes[1]["errorCode"].is_string(), "{:?}", deletes[1]);
+            assert_eq!(deletes[0]["requestID"], deletes[1]["requestID"]);
+            assert_ne!(deletes[1]["requestID"], deletes[2]["requestID"]);
+        } else {
+            eprintln!("chattr +i does not work here: the failed start is not tried");
+            assert_eq!(deletes.len(), 1);
+        }
+        assert!(deletes.last().unwrap()["errorCode"].is_null());
         kms.audit_verify().unwrap();
     }
 
@@ -1513,16 +1561,24 @@ mod tests {
         let (_d, kms) = kms();
         let key = symmetric(&kms);
         let state = |kms: &LocalKms| kms.describe_key(&key).unwrap().key_state;
-        let names = |kms: &LocalKms| -> Vec<String> {
-            let all = kms.audit_records(&audit::Filter::default()).unwrap();
-            let name = |r: &Value| format!("{} {}", r["eventName"], r["errorCode"]);
-            all.iter().map(name).collect()
+        let records = |kms: &LocalKms| {
+            let filter = audit::Filter {
+                event: Some("DisableKey".into()),
+                ..audit::Filter::default()
+            };
+            kms.audit_records(&filter).unwrap()
         };
         let blocked = |path: &Path| {
             std::fs::DirBuilder::new().mode(0o700).create(path).unwrap();
         };
+        let beside = |path: &Path| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(".tmp");
+            PathBuf::from(name)
+        };
+        let staged = beside(&kms.paths.store);
 
-        // The log cannot be appended to: the key stays enabled.
+        // The log cannot be appended to: the new store is not put in place.
         let log = kms.dir().join("audit.log");
         let aside = kms.dir().join("audit.log.aside");
         std::fs::rename(&log, &aside).unwrap();
@@ -1532,21 +1588,48 @@ mod tests {
         std::fs::remove_dir(&log).unwrap();
         std::fs::rename(&aside, &log).unwrap();
         assert_eq!(state(&kms), KeyState::Enabled);
+        assert!(!staged.exists());
+        assert!(records(&kms).is_empty());
 
-        // The store cannot be written after the record: a second record
-        // says the call failed, and the key is still enabled.
-        let mut tmp = kms.paths.store.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        blocked(&tmp);
+        // The new store cannot be written: one record, of the error.
+        blocked(&staged);
         kms.disable_key(&key).unwrap_err();
-        std::fs::remove_dir(&tmp).unwrap();
+        std::fs::remove_dir(&staged).unwrap();
         assert_eq!(state(&kms), KeyState::Enabled);
-        let names = names(&kms);
-        // CreateKey, DescribeKey, then the second DisableKey twice.
-        assert_eq!(names.len(), 5, "{names:?}");
-        assert_eq!(names[2], "\"DisableKey\" null");
-        assert!(names[3].starts_with("\"DisableKey\" \""), "{names:?}");
+        let all = records(&kms);
+        assert_eq!(all.len(), 1);
+        assert!(all[0]["errorCode"].is_string(), "{:?}", all[0]);
+
+        // The store cannot be replaced after the record (made immutable,
+        // where the file system can): a second record of the same request
+        // gives the error.
+        let store = kms.paths.store.to_str().unwrap();
+        let chattr = |flag| {
+            std::process::Command::new("chattr")
+                .args([flag, store])
+                .status()
+        };
+        if chattr("+i").is_ok_and(|s| s.success()) {
+            kms.disable_key(&key).unwrap_err();
+            assert!(chattr("-i").unwrap().success());
+            assert_eq!(state(&kms), KeyState::Enabled);
+            let all = records(&kms);
+            assert_eq!(all.len(), 3);
+            assert!(all[1]["errorCode"].is_null(), "{:?}", all[1]);
+            assert!(all[2]["errorCode"].is_string(), "{:?}", all[2]);
+            assert_eq!(all[1]["requestID"], all[2]["requestID"]);
+        } else {
+            eprintln!("chattr +i does not work here: the failed rename is not tried");
+        }
+
+        // The head cannot be updated: the record is in the log, so the call
+        // stands, and the head one record behind is accepted.
+        let head = beside(&kms.paths.audit_head);
+        blocked(&head);
+        kms.disable_key(&key).unwrap();
+        kms.audit_verify().unwrap();
+        std::fs::remove_dir(&head).unwrap();
+        assert_eq!(state(&kms), KeyState::Disabled);
         kms.audit_verify().unwrap();
     }
 

@@ -284,8 +284,13 @@ impl Store {
 
     /// Writes the store atomically and durably.
     pub fn save(&self, path: &Path, root: &RootKeys) -> Result<(), KmsError> {
+        self.stage(path, root)?.commit()
+    }
+
+    /// Writes the store beside `path`, to be put in place by a commit.
+    pub fn stage(&self, path: &Path, root: &RootKeys) -> Result<fsio::Staged, KmsError> {
         let body = serde_json::to_vec_pretty(self).expect("the store serializes");
-        fsio::write_atomic(path, &frame(&body, root))
+        fsio::stage(path, &frame(&body, root))
     }
 
     pub fn key(&self, id: Uuid) -> Option<&StoredKey> {
