@@ -115,7 +115,8 @@ fn threads(c: &mut Criterion) {
                                 let half = SIZE / threads;
                                 let slots = half / LEN as u64;
                                 for i in (t..iters).step_by(threads as usize) {
-                                    let at = t * half + (i * 7 % slots) * LEN as u64;
+                                    let k = i / threads;
+                                    let at = t * half + (k * 7 % slots) * LEN as u64;
                                     if write {
                                         vol.write(at, black_box(&mut buf)).unwrap();
                                     } else {

@@ -291,8 +291,10 @@ for r in rounds:
     })
 
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+flags = os.environ.get("NBDCRYPT_VOLUME_FLAGS") or "none"
 print(f"\nEnd to end, {len(rounds)} rounds; {os.cpu_count()} CPUs, {cpu}. fio nbd engine over a Unix socket,"
-      " 1 GiB, one connection per job; median [range] over the rounds; ratios taken within each round.")
+      " 1 GiB, one connection per job; median [range] over the rounds; ratios taken within each round."
+      f" nbdcrypt volume flags: {flags}.")
 header = f"{'':22} {'nbdcrypt':>22}"
 for p in peers:
     header += f" {p:>20} {'x ' + p:>20}"

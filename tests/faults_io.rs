@@ -3,8 +3,9 @@
 //! every acknowledged write is still there afterwards, across a restart.
 //!
 //! - ENOSPC: the volume lives on a small ext4 file system on a loop device;
-//!   a preallocated one is written in full after the rest fills up;
 //!   the volume file is sparse, so writes fill the file system up.
+//! - A preallocated volume on the same kind of file system is written in
+//!   full after everything else on it filled up.
 //! - EIO: the volume file is served by nbdkit's file plugin under its error
 //!   filter and seen through nbdfuse as a file (device-mapper's `error`
 //!   target is not available on these machines); a trigger file turns
@@ -148,6 +149,15 @@ fn a_preallocated_volume_never_runs_out_of_space() {
         "{err}"
     );
     assert!(!path.exists(), "a failed create leaves nothing behind");
+    // Nor in a file that was there: it is empty, and can be used sparse.
+    let old = fs.mnt.join("old.vol");
+    std::fs::File::create(&old).unwrap();
+    let mut args = create_args(s(&old), "64M", "alias/faults", "vol-old");
+    args.push("--preallocate");
+    env.fails(&args);
+    assert_eq!(std::fs::metadata(&old).unwrap().blocks(), 0);
+    env.ok(&create_args(s(&old), "64M", "alias/faults", "vol-old"));
+    std::fs::remove_file(&old).unwrap();
 
     let mut args = create_args(s(&path), "12M", "alias/faults", "vol-thick");
     args.push("--preallocate");

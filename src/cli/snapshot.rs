@@ -50,7 +50,8 @@ enum SnapshotCommand {
     List { dir: PathBuf },
     /// Make a new volume from a snapshot, bound to a new DB instance and
     /// volume id (the key is re-wrapped by ReEncrypt, or replaced with
-    /// --new-data-key).
+    /// --new-data-key). The new volume is sparse; `fallocate` on it
+    /// reserves its space, as `volume create --preallocate` does.
     Restore {
         /// The snapshot file.
         snapshot: PathBuf,

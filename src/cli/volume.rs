@@ -44,10 +44,13 @@ enum VolumeCommand {
         /// Overwrite a file or device that already holds data.
         #[arg(long)]
         force: bool,
-        /// Reserve the file's space now (fallocate), as a thick volume: a
-        /// write can then never fail for lack of space, and first writes
-        /// skip the file system's block allocation. TRIM under
-        /// --allow-discards gives space back. A device has its space already.
+        /// Reserve the file's space now (fallocate, like qemu-img's
+        /// preallocation=falloc), as a thick volume: on a file system that
+        /// overwrites in place (ext4, XFS) a write then cannot fail for lack
+        /// of space, and first writes skip its block allocation. TRIM and
+        /// write-zeroes under --allow-discards give space back, and a
+        /// snapshot that shares the file's blocks (reflink) makes later
+        /// writes need new space. A device has its space already.
         #[arg(long)]
         preallocate: bool,
     },

@@ -162,9 +162,9 @@ impl Backing {
         })
     }
 
-    /// Allocates the file's first `len` bytes, so that writing them never
-    /// fails for lack of space and skips the file system's block allocation.
-    /// What was not written before reads as zeros.
+    /// Allocates the file's first `len` bytes, so that overwriting them in
+    /// place cannot fail for lack of space and skips the file system's block
+    /// allocation. What was not written before reads as zeros.
     pub fn reserve(&self, len: u64) -> io::Result<()> {
         fallocate(&self.file, FallocateFlags::empty(), 0, to_off(len)?).map_err(io::Error::from)
     }

@@ -164,14 +164,17 @@ fn format(
         BackingKind::File => {
             backing.file().set_len(0).map_err(io)?;
             let len = DEFAULT_DATA_OFFSET + size;
-            if opts.preallocate {
-                backing
-                    .reserve(len)
-                    .map_err(|source| VolumeError::Reserve {
-                        path: path.to_owned(),
-                        len,
-                        source,
-                    })?;
+            if opts.preallocate
+                && let Err(source) = backing.reserve(len)
+            {
+                // What the file system reserved before it ran out is given
+                // back: the file's old contents are gone already.
+                let _ = backing.file().set_len(0);
+                return Err(VolumeError::Reserve {
+                    path: path.to_owned(),
+                    len,
+                    source,
+                });
             }
             backing.file().set_len(len).map_err(io)?;
         }

@@ -14,10 +14,10 @@ struct Fixture {
 }
 
 fn fixture(size: u64, sector_size: u32) -> Fixture {
-    fixture_with(size, sector_size, false)
+    try_fixture(size, sector_size, false).unwrap()
 }
 
-fn fixture_with(size: u64, sector_size: u32, preallocate: bool) -> Fixture {
+fn try_fixture(size: u64, sector_size: u32, preallocate: bool) -> Result<Fixture, VolumeError> {
     let dir = tempfile::tempdir().unwrap();
     let kms = LocalKms::open(&dir.path().join("kms")).unwrap();
     let key = kms
@@ -37,12 +37,12 @@ fn fixture_with(size: u64, sector_size: u32, preallocate: bool) -> Fixture {
         force: false,
         preallocate,
     };
-    create(&path, &kms, &opts).unwrap();
-    Fixture {
+    create(&path, &kms, &opts)?;
+    Ok(Fixture {
         _dir: dir,
         kms,
         path,
-    }
+    })
 }
 
 fn open(f: &Fixture, read_only: bool, allow_discards: bool) -> Volume {
@@ -66,25 +66,44 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn fresh_volume_reads_zeros_at_any_alignment() {
-    use std::os::unix::fs::MetadataExt;
-    for preallocate in [false, true] {
-        let f = fixture_with(1 << 20, 4096, preallocate);
-        let reserved = std::fs::metadata(&f.path).unwrap().blocks() * 512;
-        let len = std::fs::metadata(&f.path).unwrap().len();
-        assert_eq!(reserved >= len, preallocate, "{reserved} of {len} bytes");
-        let v = open(&f, false, false);
-        for (offset, len) in [
-            (0, 4096),
-            (1, 1),
-            (4095, 2),
-            (100_000, 70_000),
-            ((1 << 20) - 1, 1),
-        ] {
-            let mut buf = vec![0xAAu8; len];
-            v.read(offset, &mut buf).unwrap();
-            assert!(buf.iter().all(|&b| b == 0), "{offset}+{len}");
-        }
+    let f = fixture(1 << 20, 4096);
+    let v = open(&f, false, false);
+    for (offset, len) in [
+        (0, 4096),
+        (1, 1),
+        (4095, 2),
+        (100_000, 70_000),
+        ((1 << 20) - 1, 1),
+    ] {
+        let mut buf = vec![0xAAu8; len];
+        v.read(offset, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "{offset}+{len}");
     }
+}
+
+#[test]
+fn a_preallocated_volume_reads_zeros_and_zeroing_keeps_its_space() {
+    use std::os::unix::fs::MetadataExt;
+    let f = match try_fixture(4 << 20, 4096, true) {
+        Err(VolumeError::Reserve { source, .. })
+            if source.raw_os_error() == Some(nix::libc::EOPNOTSUPP) =>
+        {
+            return eprintln!("the file system here cannot reserve space: {source}");
+        }
+        f => f.unwrap(),
+    };
+    let len = std::fs::metadata(&f.path).unwrap().len();
+    let reserved = || std::fs::metadata(&f.path).unwrap().blocks() * 512;
+    assert!(reserved() >= len, "{} of {len} bytes", reserved());
+    let v = open(&f, false, false);
+    let mut buf = vec![0xAAu8; 1 << 20];
+    v.read(3 << 20, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    v.write(0, &mut pattern(4 << 20, 9)).unwrap();
+    v.write_zeroes(0, 4 << 20, false).unwrap();
+    assert!(reserved() >= len, "{} of {len} bytes", reserved());
+    v.read(1 << 20, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
 }
 
 #[test]
