@@ -76,15 +76,23 @@ crypto_round() {
         cat "$RESULTS/criterion.log" >&2
         return 1
     fi
-    if ! cargo bench --quiet --bench volume -- volume_threads --noplot >>"$RESULTS/criterion.log" 2>&1; then
-        cat "$RESULTS/criterion.log" >&2
-        return 1
-    fi
     for dir in "$TARGET"/criterion/xts/*/new; do
         cp "$dir/estimates.json" "$RESULTS/$(basename "$(dirname "$dir")").$round.criterion"
     done
-    for dir in "$TARGET"/criterion/volume_threads/*/new; do
-        cp "$dir/estimates.json" "$RESULTS/threads_$(basename "$(dirname "$dir")").$round.criterion"
+    # The data path from one thread and from two, on all CPUs and then held
+    # to one with taskset.
+    local cpus
+    for cpus in all one; do
+        local pin=()
+        [[ $cpus == one ]] && pin=(taskset -c 0)
+        if ! "${pin[@]}" cargo bench --quiet --bench volume -- volume_threads --noplot \
+            >>"$RESULTS/criterion.log" 2>&1; then
+            cat "$RESULTS/criterion.log" >&2
+            return 1
+        fi
+        for dir in "$TARGET"/criterion/volume_threads/*/new; do
+            cp "$dir/estimates.json" "$RESULTS/threads_${cpus}_$(basename "$(dirname "$dir")").$round.criterion"
+        done
     done
     for direction in encrypt decrypt; do
         flag=()
@@ -228,11 +236,13 @@ for direction in ("encrypt", "decrypt"):
 print(f"{'xts-mode encrypt 4096':28} {best('xts-mode_encrypt_4096'):7.2f}")
 
 print("\nData path without the network (benches/volume.rs): 1 MiB reads and writes through the")
-print("volume, page cache and cipher, from 1 thread and from 2 at once; best of the rounds, GB/s")
-print(f"{'':28} {'1 thread':>9} {'2 threads':>10} {'x':>6}")
+print("volume, page cache and cipher, from 1 thread and from 2 at once, on all CPUs and held to")
+print("one with `taskset -c 0`; best of the rounds, GB/s")
+print(f"{'':16} {'1 thread':>9} {'2 threads':>10} {'x':>6} {'2 threads, 1 CPU':>17} {'x all/1 CPU':>12}")
 for op in ("read", "write"):
-    one, two = best(f"threads_{op}_1"), best(f"threads_{op}_2")
-    print(f"{'1 MiB ' + op + 's':28} {one:9.2f} {two:10.2f} {two / one:6.2f}")
+    one, two = best(f"threads_all_{op}_1"), best(f"threads_all_{op}_2")
+    pinned = best(f"threads_one_{op}_2")
+    print(f"{'1 MiB ' + op + 's':16} {one:9.2f} {two:10.2f} {two / one:6.2f} {pinned:17.2f} {two / pinned:12.2f}")
 EOF
 fi
 
