@@ -58,6 +58,10 @@ fn nbdinfo_sees_the_exports_flags_and_block_sizes() {
     );
     assert_eq!(e["is_read_only"], false);
     assert_eq!(e["block_size_preferred"], 4096, "{e}");
+    assert_eq!(
+        e["description"], "nbdcrypt volume vol-aaaa1111, 4096-byte sectors",
+        "the description names no path: {e}"
+    );
     assert!(
         e["contexts"]
             .as_array()

@@ -80,7 +80,12 @@ pub fn run(args: ServeArgs, global: &Global) -> CliResult {
         let volume = Arc::new(volume);
         exports.push(Export {
             name: volume.id().to_owned(),
-            description: format!("nbdcrypt volume {}", volume.path().display()),
+            // What any client may read: nothing of this machine's paths.
+            description: format!(
+                "nbdcrypt volume {}, {}-byte sectors",
+                volume.id(),
+                volume.sector_size()
+            ),
             read_only,
             backend: volume.clone(),
         });
