@@ -15,6 +15,7 @@ use nbdcrypt::volume::{AttachOptions, CreateOptions, Volume, create};
 const SIZE: u64 = 64 << 20;
 const DB: &str = "db-BENCH00000000000000000001";
 
+/// A fresh volume with real ciphertext everywhere, in the page cache.
 fn volume(dir: &std::path::Path) -> Volume {
     let kms = LocalKms::open(&dir.join("kms")).expect("a fresh local KMS");
     let key = kms
@@ -40,17 +41,17 @@ fn volume(dir: &std::path::Path) -> Volume {
         read_only: false,
         allow_discards: false,
     };
-    Volume::open(&path, &kms, &attach).expect("the volume unlocks")
+    let vol = Volume::open(&path, &kms, &attach).expect("the volume unlocks");
+    let mut fill = vec![0x5au8; 1 << 20];
+    for offset in (0..SIZE).step_by(fill.len()) {
+        vol.write(offset, &mut fill).expect("prefill");
+    }
+    vol
 }
 
 fn data_path(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let vol = volume(dir.path());
-    // Real ciphertext everywhere, in the page cache.
-    let mut fill = vec![0x5au8; 1 << 20];
-    for offset in (0..SIZE).step_by(fill.len()) {
-        vol.write(offset, &mut fill).expect("prefill");
-    }
 
     let mut group = c.benchmark_group("volume");
     group.warm_up_time(Duration::from_secs(1));
@@ -92,10 +93,6 @@ fn threads(c: &mut Criterion) {
     const LEN: usize = 1 << 20;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let vol = volume(dir.path());
-    let mut fill = vec![0x5au8; LEN];
-    for offset in (0..SIZE).step_by(LEN) {
-        vol.write(offset, &mut fill).expect("prefill");
-    }
 
     let mut group = c.benchmark_group("volume_threads");
     group.warm_up_time(Duration::from_secs(1));

@@ -141,9 +141,12 @@ fn a_preallocated_volume_never_runs_out_of_space() {
     env.key("alias/faults");
     let fs = SmallFs::new(&env, "40M");
     let path = fs.mnt.join("v.vol");
-    let mut args = create_args(s(&path), "64M", "alias/faults", "vol-thick");
-    args.push("--preallocate");
-    let err = env.fails(&args);
+    let thick = |path, size, vol_id| {
+        let mut args = create_args(path, size, "alias/faults", vol_id);
+        args.push("--preallocate");
+        args
+    };
+    let err = env.fails(&thick(s(&path), "64M", "vol-thick"));
     assert!(
         err.contains("cannot reserve") && err.contains("No space left"),
         "{err}"
@@ -152,16 +155,12 @@ fn a_preallocated_volume_never_runs_out_of_space() {
     // Nor in a file that was there: it is empty, and can be used sparse.
     let old = fs.mnt.join("old.vol");
     std::fs::File::create(&old).unwrap();
-    let mut args = create_args(s(&old), "64M", "alias/faults", "vol-old");
-    args.push("--preallocate");
-    env.fails(&args);
+    env.fails(&thick(s(&old), "64M", "vol-old"));
     assert_eq!(std::fs::metadata(&old).unwrap().blocks(), 0);
     env.ok(&create_args(s(&old), "64M", "alias/faults", "vol-old"));
     std::fs::remove_file(&old).unwrap();
 
-    let mut args = create_args(s(&path), "12M", "alias/faults", "vol-thick");
-    args.push("--preallocate");
-    env.ok(&args);
+    env.ok(&thick(s(&path), "12M", "vol-thick"));
     let reserved = std::fs::metadata(&path).unwrap().blocks() * 512;
     assert!(reserved >= 12 * MIB, "only {reserved} bytes reserved");
     // Everything else on the file system is taken.

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use common::{
-    DB, Env, Mount, export_key, inspect, plaintext, random_bytes, s, sha256_file, snapshot_args,
-    tool_ok,
+    DB, Env, Mount, attach_args, export_key, inspect, plaintext, random_bytes, s, sha256_file,
+    snapshot_args, tool_ok,
 };
 use serde_json::Value;
 
@@ -34,15 +34,7 @@ fn volume_with_data_at(env: &Env, name: &str) -> (PathBuf, Vec<u8>) {
     image[20 * MIB..21 * MIB].copy_from_slice(&random_bytes(MIB));
     let raw = env.path("image.raw");
     std::fs::write(&raw, &image).unwrap();
-    env.ok(&[
-        "volume",
-        "import",
-        vol.to_str().unwrap(),
-        "--from",
-        raw.to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]);
+    env.ok(&attach_args("import", s(&vol), s(&raw)));
     (vol, image)
 }
 
@@ -217,15 +209,8 @@ fn restore_binds_the_copy_to_a_new_identity() {
         export_key(&env, &vol, DB, "source.key")
     );
     // The old DB instance cannot open it.
-    let err = env.fails(&[
-        "volume",
-        "export",
-        restored.to_str().unwrap(),
-        "--to",
-        env.path("old.raw").to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]);
+    let old = env.path("old.raw");
+    let err = env.fails(&attach_args("export", s(&restored), s(&old)));
     assert!(err.contains("InvalidCiphertextException"), "{err}");
 
     // Under another CMK.
@@ -401,15 +386,7 @@ fn on_xfs_snapshots_and_restores_share_blocks_instead_of_copying() {
     let before = sha256_file(&snap);
     let raw = env.path("other.raw");
     std::fs::write(&raw, random_bytes(4 * MIB)).unwrap();
-    env.ok(&[
-        "volume",
-        "import",
-        vol.to_str().unwrap(),
-        "--from",
-        raw.to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]);
+    env.ok(&attach_args("import", s(&vol), s(&raw)));
     assert_eq!(sha256_file(&snap), before);
 }
 

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::nbd::{RawClient, RawReply};
-use common::{DB, Env, Server, plaintext, s, snapshot_args};
+use common::{DB, Env, Server, attach_args, plaintext, s, snapshot_args};
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
 use serde_json::{Value, json};
 
@@ -330,15 +330,7 @@ fn under_load(env: &Env, prefix: &str) -> Vec<Value> {
     let raw = env.path("fill.raw");
     let initial = common::random_bytes((BLOCKS * BLOCK) as usize);
     std::fs::write(&raw, &initial).unwrap();
-    env.ok(&[
-        "volume",
-        "import",
-        vol.to_str().unwrap(),
-        "--from",
-        raw.to_str().unwrap(),
-        "--db-id",
-        DB,
-    ]);
+    env.ok(&attach_args("import", s(&vol), s(&raw)));
     let ctl = env.path("ctl.sock");
     let server = Server::start(
         env,

@@ -1282,6 +1282,19 @@ impl Kms for LocalKms {
     }
 }
 
+/// A fresh symmetric key, for the tests of the modules built on the KMS.
+#[cfg(test)]
+impl LocalKms {
+    pub(crate) fn test_key(&self) -> String {
+        let req = CreateKeyRequest {
+            description: "test".into(),
+            key_spec: KeySpec::SymmetricDefault,
+            key_usage: None,
+        };
+        self.create_key(&req).unwrap().key_id
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicI64, Ordering};
@@ -1296,15 +1309,6 @@ mod tests {
         (dir, kms)
     }
 
-    fn symmetric(kms: &LocalKms) -> String {
-        let req = CreateKeyRequest {
-            description: "test".into(),
-            key_spec: KeySpec::SymmetricDefault,
-            key_usage: None,
-        };
-        kms.create_key(&req).unwrap().key_id
-    }
-
     fn ctx() -> EncryptionContext {
         EncryptionContext::for_volume("db-1", "vol-1")
     }
@@ -1312,7 +1316,7 @@ mod tests {
     #[test]
     fn data_keys_round_trip_and_blobs_differ() {
         let (_d, kms) = kms();
-        let key = symmetric(&kms);
+        let key = kms.test_key();
         let a = kms.generate_data_key(&key, &ctx(), 64).unwrap();
         let b = kms.generate_data_key(&key, &ctx(), 64).unwrap();
         assert_eq!(a.plaintext.len(), 64);
@@ -1327,7 +1331,7 @@ mod tests {
     #[test]
     fn the_context_binds_injectively_and_tampering_fails() {
         let (_d, kms) = kms();
-        let key = symmetric(&kms);
+        let key = kms.test_key();
         let wrapped = EncryptionContext::new().with("a", "bc");
         let dk = kms.generate_data_key(&key, &wrapped, 32).unwrap();
         let other = EncryptionContext::new().with("ab", "c");
@@ -1343,7 +1347,7 @@ mod tests {
     #[test]
     fn the_store_survives_a_reopen() {
         let (d, kms) = kms();
-        let key = symmetric(&kms);
+        let key = kms.test_key();
         kms.create_alias("alias/vols", &key).unwrap();
         let dk = kms.generate_data_key("alias/vols", &ctx(), 64).unwrap();
         drop(kms);
@@ -1358,7 +1362,7 @@ mod tests {
     #[test]
     fn a_named_key_must_be_the_blobs() {
         let (_d, kms) = kms();
-        let (k1, k2) = (symmetric(&kms), symmetric(&kms));
+        let (k1, k2) = (kms.test_key(), kms.test_key());
         let dk = kms.generate_data_key(&k1, &ctx(), 32).unwrap();
         let err = kms
             .decrypt(&dk.ciphertext_blob, &ctx(), Some(&k2))
@@ -1369,7 +1373,7 @@ mod tests {
     #[test]
     fn key_states_gate_use() {
         let (_d, kms) = kms();
-        let key = symmetric(&kms);
+        let key = kms.test_key();
         let dk = kms.generate_data_key(&key, &ctx(), 32).unwrap();
         kms.disable_key(&key).unwrap();
         let err = kms.decrypt(&dk.ciphertext_blob, &ctx(), None).unwrap_err();
@@ -1400,7 +1404,7 @@ mod tests {
         let path = dir.path().join("kms");
         let (now, clock) = settable_clock();
         let kms = LocalKms::open_with_clock(&path, None, clock.clone()).unwrap();
-        let key = symmetric(&kms);
+        let key = kms.test_key();
         kms.create_alias("alias/doomed", &key).unwrap();
         kms.schedule_key_deletion(&key, Some(7)).unwrap();
         now.store(T0 + 7 * SECONDS - 1, Ordering::SeqCst);
@@ -1463,7 +1467,7 @@ mod tests {
         let path = dir.path().join("kms");
         let (now, clock) = settable_clock();
         let kms = LocalKms::open_with_clock(&path, None, clock.clone()).unwrap();
-        let key = symmetric(&kms);
+        let key = kms.test_key();
         let old = kms.generate_data_key(&key, &ctx(), 32).unwrap();
         let status = kms.rotate_key_on_demand(&key).unwrap();
         assert_eq!(status.current_key_material_version, 2);
@@ -1503,7 +1507,7 @@ mod tests {
     #[test]
     fn re_encrypt_moves_a_blob_to_a_new_context_and_key() {
         let (_d, kms) = kms();
-        let (k1, k2) = (symmetric(&kms), symmetric(&kms));
+        let (k1, k2) = (kms.test_key(), kms.test_key());
         let dk = kms.generate_data_key(&k1, &ctx(), 64).unwrap();
         let moved_ctx = EncryptionContext::for_volume("db-2", "vol-1");
         let moved = kms
@@ -1550,7 +1554,7 @@ mod tests {
             .verify(&key, b"hellO", MessageType::Raw, &sig, alg)
             .unwrap_err();
         assert_eq!(err.aws_code(), "KMSInvalidSignatureException");
-        let sym = symmetric(&kms);
+        let sym = kms.test_key();
         let err = kms.sign(&sym, b"hello", MessageType::Raw, alg).unwrap_err();
         assert_eq!(err.aws_code(), "InvalidKeyUsageException");
     }
@@ -1559,7 +1563,7 @@ mod tests {
     fn no_change_is_kept_that_the_audit_log_does_not_tell_of() {
         use std::os::unix::fs::DirBuilderExt;
         let (_d, kms) = kms();
-        let key = symmetric(&kms);
+        let key = kms.test_key();
         let state = |kms: &LocalKms| kms.describe_key(&key).unwrap().key_state;
         let records = |kms: &LocalKms| {
             let filter = audit::Filter {
@@ -1636,7 +1640,7 @@ mod tests {
     #[test]
     fn every_call_is_audited_and_the_chain_verifies() {
         let (_d, kms) = kms();
-        let key = symmetric(&kms);
+        let key = kms.test_key();
         let dk = kms.generate_data_key(&key, &ctx(), 64).unwrap();
         let _ = kms.decrypt(
             &dk.ciphertext_blob,
@@ -1672,7 +1676,7 @@ mod tests {
     #[test]
     fn changing_verbs_refuse_aliases_and_aliases_follow_aws_rules() {
         let (_d, kms) = kms();
-        let key = symmetric(&kms);
+        let key = kms.test_key();
         kms.create_alias("alias/a", &key).unwrap();
         assert_eq!(
             kms.disable_key("alias/a").unwrap_err().aws_code(),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::*;
-use crate::kms::{CreateKeyRequest, KeySpec, LocalKms};
+use crate::kms::LocalKms;
 use crate::volume::{AttachOptions, CreateOptions, Volume};
 
 const DB: &str = "db-SNAPTEST1";
@@ -22,14 +22,7 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let kms = LocalKms::open(&dir.path().join("kms")).unwrap();
-    let key = kms
-        .create_key(&CreateKeyRequest {
-            description: "test".into(),
-            key_spec: KeySpec::SymmetricDefault,
-            key_usage: None,
-        })
-        .unwrap()
-        .key_id;
+    let key = kms.test_key();
     let volume = dir.path().join("v.vol");
     crate::volume::create(
         &volume,

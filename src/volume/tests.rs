@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::kms::{CreateKeyRequest, KeySpec, LocalKms};
+use crate::kms::LocalKms;
 
 const DB: &str = "db-TESTINSTANCE1";
 
@@ -20,18 +20,11 @@ fn fixture(size: u64, sector_size: u32) -> Fixture {
 fn try_fixture(size: u64, sector_size: u32, preallocate: bool) -> Result<Fixture, VolumeError> {
     let dir = tempfile::tempdir().unwrap();
     let kms = LocalKms::open(&dir.path().join("kms")).unwrap();
-    let key = kms
-        .create_key(&CreateKeyRequest {
-            description: "test".into(),
-            key_spec: KeySpec::SymmetricDefault,
-            key_usage: None,
-        })
-        .unwrap();
     let path = dir.path().join("v.vol");
     let opts = CreateOptions {
         size: Some(size),
         sector_size,
-        kms_key: key.key_id,
+        kms_key: kms.test_key(),
         db_id: DB.into(),
         vol_id: "vol-0123abcd".into(),
         force: false,
