@@ -48,6 +48,16 @@ pub struct ServeArgs {
     /// disconnected (its requests hold memory until their replies are out).
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     reply_timeout: u64,
+    /// Microseconds a connection polls its socket for the rest of a write's
+    /// payload before it sleeps, like the kernel's busy polling: on a
+    /// virtual machine, waking a halted CPU costs more than the wait. 0
+    /// never polls, for a host where an idle CPU must stay idle.
+    #[arg(
+        long,
+        default_value_t = nbd::busy_poll::DEFAULT_BUDGET.as_micros() as u64,
+        value_name = "MICROSECONDS"
+    )]
+    busy_poll: u64,
 }
 
 pub fn run(args: ServeArgs, global: &Global) -> CliResult {
@@ -133,6 +143,7 @@ pub fn run(args: ServeArgs, global: &Global) -> CliResult {
             max_inflight_bytes_per_connection: args.max_inflight as usize,
             max_inflight_bytes_total: args.max_inflight_total as usize,
             reply_timeout: std::time::Duration::from_secs(args.reply_timeout),
+            busy_poll: std::time::Duration::from_micros(args.busy_poll),
             ..Limits::default()
         };
         // One signal stops both servers; so does the NBD server's end,

@@ -27,6 +27,7 @@ use tokio::time::Sleep;
 use tracing::{debug, warn};
 
 use super::buffers::{BufferPool, PoolBudget};
+use super::busy_poll::RequestReader;
 use super::handshake::{Session, read_message};
 use super::proto::ProtoError;
 use super::proto::transmission::{
@@ -133,7 +134,7 @@ enum End {
 /// `tracker` is held by every task that may still touch the backend, so the
 /// server knows when they are all gone.
 pub async fn run<R, W>(
-    mut reader: R,
+    mut reader: RequestReader<R>,
     writer: W,
     session: Session,
     limits: &Limits,
@@ -443,13 +444,13 @@ impl Inline {
 /// a time, so a too-large length costs no memory and the stream stays in
 /// step.
 async fn read_request<R: AsyncRead + Unpin>(
-    reader: &mut R,
+    reader: &mut RequestReader<R>,
     worker: &Worker,
     [inflight, budget]: [&Arc<Semaphore>; 2],
 ) -> Result<Incoming, ConnectionError> {
     let session = &worker.session;
     let mut bytes = [0; RequestHeader::LEN];
-    if !read_message(reader, &mut bytes).await? {
+    if !read_message(&mut reader.buffered, &mut bytes).await? {
         return Ok(Incoming::Closed);
     }
     let header = RequestHeader::read(&bytes)?;
@@ -471,7 +472,7 @@ async fn read_request<R: AsyncRead + Unpin>(
     let op = match validated {
         Ok(op) => op,
         Err(error) => {
-            discard(reader, header.payload_len().into()).await?;
+            discard(&mut reader.buffered, header.payload_len().into()).await?;
             return Ok(Incoming::Refused {
                 header,
                 error,
@@ -482,7 +483,7 @@ async fn read_request<R: AsyncRead + Unpin>(
     let mut payload = Vec::new();
     if let Op::Write { length, .. } = op {
         payload = worker.pool.take(length as usize);
-        reader.read_exact(&mut payload).await?;
+        reader.read_payload(&mut payload).await?;
     }
     Ok(Incoming::Request {
         header,
@@ -720,7 +721,7 @@ mod tests {
             };
             let memory = ServerMemory::new(&limits);
             run(
-                r,
+                RequestReader::new(tokio::io::BufReader::new(r), None),
                 w,
                 session,
                 &limits,
@@ -1073,7 +1074,16 @@ mod tests {
             let (r, w) = tokio::io::split(server);
             let memory = ServerMemory::new(&limits);
             let mut shutdown = Shutdown::new(stopped);
-            run(r, w, session, &limits, memory, &mut shutdown, tracker).await
+            run(
+                RequestReader::new(tokio::io::BufReader::new(r), None),
+                w,
+                session,
+                &limits,
+                memory,
+                &mut shutdown,
+                tracker,
+            )
+            .await
         });
         // Reads whose replies fill the pipe; none of them is ever read.
         for cookie in 0..8 {
@@ -1112,7 +1122,7 @@ mod tests {
             let limits = Limits::default();
             let memory = ServerMemory::new(&limits);
             run(
-                r,
+                RequestReader::new(tokio::io::BufReader::new(r), None),
                 w,
                 s,
                 &limits,

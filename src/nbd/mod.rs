@@ -16,7 +16,8 @@
 //!   on the reactor from and into the page cache, the rest run concurrently
 //!   on the blocking pool, all answered out of order by one writer, with
 //!   in-flight bytes bounded per connection; [`buffers`] keeps payload
-//!   buffers for reuse.
+//!   buffers for reuse, and [`busy_poll`] reads payloads that arrive in
+//!   pieces without sleeping between them.
 //! - [`server`]: accept loops on TCP and Unix sockets, the connection
 //!   limit, shutdown fan-out and the final flush.
 //!
@@ -24,6 +25,7 @@
 //! `volume.rs`), and an in-memory one in this module's unit tests.
 
 pub mod buffers;
+pub mod busy_poll;
 pub mod connection;
 pub mod error;
 pub mod handshake;
@@ -155,6 +157,9 @@ pub struct Limits {
     /// socket full, no byte read) before it is disconnected; its requests
     /// hold in-flight bytes until their replies are out.
     pub reply_timeout: Duration,
+    /// How long a connection polls its socket for the rest of a write's
+    /// payload before it sleeps (see [`busy_poll`]); zero never polls.
+    pub busy_poll: Duration,
 }
 
 impl Default for Limits {
@@ -166,6 +171,7 @@ impl Default for Limits {
             max_inflight_bytes_total: 512 << 20,
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
+            busy_poll: busy_poll::DEFAULT_BUDGET,
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::busy_poll::{BusyPoll, RequestReader};
 use super::connection::{self, REQUEST_OVERHEAD, ServerMemory};
 use super::handshake::{self, Negotiated};
 use super::proto::MAX_STRING_LEN;
@@ -264,19 +266,30 @@ async fn serve_client(
             if let Err(e) = stream.set_nodelay(true) {
                 debug!(error = %e, "could not set TCP_NODELAY");
             }
+            let poll = busy_poll(&stream, &shared.limits);
             let (reader, writer) = stream.into_split();
-            serve_halves(reader, writer, &shared, shutdown, tracker).await;
+            serve_halves(reader, writer, poll, &shared, shutdown, tracker).await;
         }
         Stream::Unix(stream) => {
             if let Err(e) = enlarge_send_buffer(&stream) {
                 debug!(error = %e, "could not enlarge the socket's send buffer");
             }
+            let poll = busy_poll(&stream, &shared.limits);
             let (reader, writer) = stream.into_split();
-            serve_halves(reader, writer, &shared, shutdown, tracker).await;
+            serve_halves(reader, writer, poll, &shared, shutdown, tracker).await;
         }
     }
     drop(slot);
     info!("disconnected");
+}
+
+/// Polling is an optimisation: a socket that cannot be duplicated is
+/// served without it.
+fn busy_poll(stream: &impl AsFd, limits: &Limits) -> Option<BusyPoll> {
+    BusyPoll::new(stream, limits.busy_poll).unwrap_or_else(|e| {
+        debug!(error = %e, "serving without busy polling");
+        None
+    })
 }
 
 /// Never shrinks a buffer the system's defaults already made larger.
@@ -291,6 +304,7 @@ fn enlarge_send_buffer(stream: &UnixStream) -> nix::Result<()> {
 async fn serve_halves<R, W>(
     reader: R,
     mut writer: W,
+    poll: Option<BusyPoll>,
     shared: &Shared,
     mut shutdown: Shutdown,
     tracker: mpsc::Sender<()>,
@@ -319,7 +333,7 @@ async fn serve_halves<R, W>(
     };
     let memory = shared.memory.clone();
     if let Err(e) = connection::run(
-        reader,
+        RequestReader::new(reader, poll),
         writer,
         session,
         limits,
