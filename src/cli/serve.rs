@@ -48,10 +48,11 @@ pub struct ServeArgs {
     /// disconnected (its requests hold memory until their replies are out).
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     reply_timeout: u64,
-    /// Microseconds a connection polls its socket for the rest of a write's
-    /// payload before it sleeps, like the kernel's busy polling: on a
-    /// virtual machine, waking a halted CPU costs more than the wait. 0
-    /// never polls, for a host where an idle CPU must stay idle.
+    /// Microseconds a client on a Unix socket is polled for the rest of a
+    /// write's payload before the server sleeps, like the kernel's busy
+    /// polling: on a virtual machine, waking a halted CPU costs more than
+    /// the wait. 0 never polls, for a host where an idle CPU must stay idle.
+    /// TCP clients are not polled.
     #[arg(
         long,
         default_value_t = nbd::busy_poll::DEFAULT_BUDGET.as_micros() as u64,

@@ -1,6 +1,8 @@
-//! Waiting for the rest of a write's payload by polling the socket for a
+//! Waiting for the rest of a write's payload by polling a Unix socket for a
 //! moment before going to sleep, as Linux's `SO_BUSY_POLL` does for network
-//! sockets (it has no such option for Unix sockets).
+//! sockets (it has no such option for Unix sockets). TCP connections are
+//! not polled: their buffers grow with the traffic, and over loopback
+//! polling made no difference (see `server`).
 //!
 //! A large payload reaches the server in pieces: the client's kernel holds
 //! at most its send buffer (208 KiB by default), so the client sends a piece,
@@ -12,12 +14,14 @@
 //! The rest of the payload is already on its way, so the connection polls
 //! instead, yielding the CPU to any thread that can run meanwhile.
 //!
-//! Measured with fio over a Unix socket, 1 MiB writes at iodepth 8, three
-//! alternating runs: 3.7k-4.1k IOPS sleeping, 4.5k-4.8k polling for up to 30,
-//! 50, 100 or 200 µs; 1000 µs did no better. nbdkit's file plugin did
-//! 3.5k-4.2k in the same runs. nbdcopy into the volume (256 KiB writes): 2.2-2.3
-//! GB/s, then 2.6-2.9, at less server CPU (380 against 420 ms per GiB),
-//! since the connections stopped sleeping and waking.
+//! Measured with fio over a Unix socket, 1 MiB writes at iodepth 8,
+//! alternating runs: 3.7k-4.1k IOPS sleeping, 4.6k-4.8k polling for up to
+//! 50, 100 or 200 µs (30 µs: 4.0k-4.8k; 1000 µs no better). nbdkit's file
+//! plugin did 3.5k-4.2k in the same runs, and left as much CPU idle as this
+//! server did before: neither was short of CPU. nbdcopy into the volume
+//! (256 KiB writes): 2.1-2.3 GB/s, then 2.6-2.9, at less server CPU (380
+//! against 420-430 ms per GiB), since the connections stopped sleeping and
+//! waking. Polling for the next request's header as well gained nothing.
 //!
 //! The poll is bounded: it starts only while a payload is owed, and ends at
 //! the first byte or after the budget. It yields the CPU, but holds the

@@ -157,8 +157,9 @@ pub struct Limits {
     /// socket full, no byte read) before it is disconnected; its requests
     /// hold in-flight bytes until their replies are out.
     pub reply_timeout: Duration,
-    /// How long a connection polls its socket for the rest of a write's
-    /// payload before it sleeps (see [`busy_poll`]); zero never polls.
+    /// How long a connection on a Unix socket polls it for the rest of a
+    /// write's payload before it sleeps (see [`busy_poll`]); zero never
+    /// polls.
     pub busy_poll: Duration,
 }
 

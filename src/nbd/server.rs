@@ -6,7 +6,6 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -266,9 +265,11 @@ async fn serve_client(
             if let Err(e) = stream.set_nodelay(true) {
                 debug!(error = %e, "could not set TCP_NODELAY");
             }
-            let poll = busy_poll(&stream, &shared.limits);
+            // TCP's buffers grow with the traffic, so a payload comes in
+            // fewer, larger pieces: over loopback, fio's 1 MiB writes ran at
+            // 4.0k-4.1k IOPS with polling or without.
             let (reader, writer) = stream.into_split();
-            serve_halves(reader, writer, poll, &shared, shutdown, tracker).await;
+            serve_halves(reader, writer, None, &shared, shutdown, tracker).await;
         }
         Stream::Unix(stream) => {
             if let Err(e) = enlarge_send_buffer(&stream) {
@@ -285,7 +286,7 @@ async fn serve_client(
 
 /// Polling is an optimisation: a socket that cannot be duplicated is
 /// served without it.
-fn busy_poll(stream: &impl AsFd, limits: &Limits) -> Option<BusyPoll> {
+fn busy_poll(stream: &UnixStream, limits: &Limits) -> Option<BusyPoll> {
     BusyPoll::new(stream, limits.busy_poll).unwrap_or_else(|e| {
         debug!(error = %e, "serving without busy polling");
         None
