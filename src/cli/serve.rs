@@ -51,11 +51,12 @@ pub struct ServeArgs {
     /// Microseconds a client on a Unix socket is polled for the rest of a
     /// write's payload before the server sleeps, like the kernel's busy
     /// polling: on a virtual machine, waking a halted CPU costs more than
-    /// the wait. 0 never polls, for a host where an idle CPU must stay idle.
-    /// TCP clients are not polled.
+    /// the wait. 0 never polls, for a host where an idle CPU must stay idle;
+    /// at most 1000. TCP clients are not polled.
     #[arg(
         long,
         default_value_t = nbd::busy_poll::DEFAULT_BUDGET.as_micros() as u64,
+        value_parser = clap::value_parser!(u64).range(0..=1000),
         value_name = "MICROSECONDS"
     )]
     busy_poll: u64,
