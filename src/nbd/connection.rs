@@ -21,14 +21,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Sleep;
 use tracing::{debug, warn};
 
 use super::buffers::{BufferPool, PoolBudget};
-use super::busy_poll::RequestReader;
-use super::handshake::{Session, read_message};
+use super::handshake::Session;
 use super::proto::ProtoError;
 use super::proto::transmission::{
     ChunkHeader, RequestHeader, SimpleReply, encode_block_status_chunk, encode_error_chunk,
@@ -36,6 +35,7 @@ use super::proto::transmission::{
 };
 use super::proto::wire::{Command, WireError};
 use super::request::{Op, Outcome};
+use super::request_reader::RequestReader;
 use super::server::Shutdown;
 use super::{Limits, NbdError};
 
@@ -450,7 +450,7 @@ async fn read_request<R: AsyncRead + Unpin>(
 ) -> Result<Incoming, ConnectionError> {
     let session = &worker.session;
     let mut bytes = [0; RequestHeader::LEN];
-    if !read_message(&mut reader.buffered, &mut bytes).await? {
+    if !reader.read_header(&mut bytes).await? {
         return Ok(Incoming::Closed);
     }
     let header = RequestHeader::read(&bytes)?;
@@ -472,7 +472,7 @@ async fn read_request<R: AsyncRead + Unpin>(
     let op = match validated {
         Ok(op) => op,
         Err(error) => {
-            discard(&mut reader.buffered, header.payload_len().into()).await?;
+            reader.discard(header.payload_len().into()).await?;
             return Ok(Incoming::Refused {
                 header,
                 error,
@@ -499,17 +499,6 @@ async fn take(semaphore: &Arc<Semaphore>, bytes: usize) -> OwnedSemaphorePermit 
         .acquire_many_owned(bytes as u32)
         .await
         .expect("the in-flight semaphores are never closed")
-}
-
-async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<()> {
-    let copied = tokio::io::copy(&mut reader.take(len), &mut tokio::io::sink()).await?;
-    if copied < len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("client closed the connection {copied} bytes into a {len} byte payload"),
-        ));
-    }
-    Ok(())
 }
 
 /// The one writer of a connection: takes replies as requests complete and

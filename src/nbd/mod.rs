@@ -16,8 +16,9 @@
 //!   on the reactor from and into the page cache, the rest run concurrently
 //!   on the blocking pool, all answered out of order by one writer, with
 //!   in-flight bytes bounded per connection; [`buffers`] keeps payload
-//!   buffers for reuse, and [`busy_poll`] reads payloads that arrive in
-//!   pieces without sleeping between them.
+//!   buffers for reuse; [`request_reader`] reads requests off the stream,
+//!   and [`busy_poll`] lets it take a payload's pieces without sleeping
+//!   between them.
 //! - [`server`]: accept loops on TCP and Unix sockets, the connection
 //!   limit, shutdown fan-out and the final flush.
 //!
@@ -31,6 +32,7 @@ pub mod error;
 pub mod handshake;
 pub mod proto;
 pub mod request;
+pub mod request_reader;
 pub mod server;
 mod volume;
 

@@ -16,11 +16,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::busy_poll::{BusyPoll, RequestReader};
+use super::busy_poll::BusyPoll;
 use super::connection::{self, REQUEST_OVERHEAD, ServerMemory};
 use super::handshake::{self, Negotiated};
 use super::proto::MAX_STRING_LEN;
 use super::request::Op;
+use super::request_reader::RequestReader;
 use super::{Export, Limits, Listener};
 
 /// Requests are read through a buffer of this size: a small write's header
