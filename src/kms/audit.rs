@@ -39,10 +39,10 @@ pub struct Event<'a> {
     pub time: Timestamp,
     pub partition: &'a Partition,
     /// The request, without any plaintext or key material.
-    pub request: Value,
+    pub request: &'a Value,
     /// ARNs of the keys the call touched.
-    pub resources: Vec<String>,
-    pub response: Option<Value>,
+    pub resources: &'a [String],
+    pub response: Option<&'a Value>,
     pub error: Option<&'a KmsError>,
     pub read_only: bool,
     /// Done by the KMS itself (scheduled deletion, automatic rotation)
@@ -94,7 +94,7 @@ impl Event<'_> {
         record.insert("requestParameters".into(), self.request.clone());
         record.insert(
             "responseElements".into(),
-            self.response.clone().unwrap_or(Value::Null),
+            self.response.cloned().unwrap_or(Value::Null),
         );
         record.insert("requestID".into(), json!(self.request_id.to_string()));
         record.insert("eventID".into(), json!(uuid::Uuid::new_v4().to_string()));
@@ -443,8 +443,8 @@ mod tests {
                 request_id: uuid::Uuid::new_v4(),
                 time: Timestamp::from_unix(1_700_000_000 + i as i64),
                 partition: p,
-                request: json!({"keyId": format!("k{i}"), "encryptionContext": ctx}),
-                resources: vec![format!("arn:aws:kms:local-1:111122223333:key/k{i}")],
+                request: &json!({"keyId": format!("k{i}"), "encryptionContext": ctx}),
+                resources: &[format!("arn:aws:kms:local-1:111122223333:key/k{i}")],
                 response: None,
                 error: None,
                 read_only: true,

@@ -422,31 +422,32 @@ impl LocalKms {
         let staged = store.stage(&self.paths.store, &self.root)?;
         let events: Vec<_> = done
             .into_iter()
-            .map(|(name, id)| (name, Uuid::new_v4(), partition.key_arn(id)))
+            .map(|(name, id)| {
+                let arn = partition.key_arn(id);
+                (name, Uuid::new_v4(), json!({"keyId": arn}), [arn])
+            })
             .collect();
-        let record = |(name, request_id, arn): &(&'static str, Uuid, String), error| Event {
-            name,
-            request_id: *request_id,
-            time: now,
-            partition: &partition,
-            request: json!({"keyId": arn}),
-            resources: vec![arn.clone()],
-            response: None,
-            error,
-            read_only: false,
-            by_service: true,
-        };
-        for event in &events {
-            audit::append(&self.paths, &self.root.audit_chain, &record(event, None))?;
-        }
-        if let Err(e) = staged.commit() {
-            for event in &events {
-                audit::append(
-                    &self.paths,
-                    &self.root.audit_chain,
-                    &record(event, Some(&e)),
-                )?;
+        let record_all = |error: Option<&KmsError>| {
+            for (name, request_id, request, resources) in &events {
+                let event = Event {
+                    name,
+                    request_id: *request_id,
+                    time: now,
+                    partition: &partition,
+                    request,
+                    resources,
+                    response: None,
+                    error,
+                    read_only: false,
+                    by_service: true,
+                };
+                audit::append(&self.paths, &self.root.audit_chain, &event)?;
             }
+            Ok::<_, KmsError>(())
+        };
+        record_all(None)?;
+        if let Err(e) = staged.commit() {
+            record_all(Some(&e))?;
             return Err(e);
         }
         Ok(())
@@ -502,8 +503,8 @@ impl LocalKms {
             request_id,
             time: now,
             partition: &self.partition,
-            request: request.clone(),
-            resources: resources.clone(),
+            request: &request,
+            resources: &resources,
             response,
             error,
             read_only,
@@ -524,7 +525,7 @@ impl LocalKms {
         audit::append(
             &self.paths,
             &self.root.audit_chain,
-            &record(response.clone(), None),
+            &record(response.as_ref(), None),
         )?;
         if let Some(staged) = staged
             && let Err(e) = staged.commit()

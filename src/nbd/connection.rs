@@ -692,6 +692,11 @@ mod tests {
     use tokio::sync::watch;
     use tokio::task::JoinHandle;
 
+    /// The connection's reader over a stream that is no socket.
+    fn unpolled<R: AsyncRead + Unpin>(r: R) -> RequestReader<R> {
+        RequestReader::new(tokio::io::BufReader::new(r), None)
+    }
+
     struct Harness {
         client: DuplexStream,
         server: JoinHandle<Result<(), ConnectionError>>,
@@ -710,7 +715,7 @@ mod tests {
             };
             let memory = ServerMemory::new(&limits);
             run(
-                RequestReader::new(tokio::io::BufReader::new(r), None),
+                unpolled(r),
                 w,
                 session,
                 &limits,
@@ -1064,7 +1069,7 @@ mod tests {
             let memory = ServerMemory::new(&limits);
             let mut shutdown = Shutdown::new(stopped);
             run(
-                RequestReader::new(tokio::io::BufReader::new(r), None),
+                unpolled(r),
                 w,
                 session,
                 &limits,
@@ -1111,7 +1116,7 @@ mod tests {
             let limits = Limits::default();
             let memory = ServerMemory::new(&limits);
             run(
-                RequestReader::new(tokio::io::BufReader::new(r), None),
+                unpolled(r),
                 w,
                 s,
                 &limits,

@@ -52,22 +52,24 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
         let mut filled = 0;
         while filled < buf.len() {
             let rest = &mut buf[filled..];
-            let n = match &self.poll {
+            let polled = match &self.poll {
                 Some(poll) if self.buffered.buffer().is_empty() && !allowance.is_zero() => {
                     match poll.recv(rest, &mut allowance) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.buffered.read(rest).await?
-                        }
-                        read => {
-                            // A direct read never returns to the runtime by
-                            // itself: let the connection's other tasks and
-                            // the shutdown signal in now and then.
-                            tokio::task::consume_budget().await;
-                            read?
-                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                        read => Some(read?),
                     }
                 }
-                _ => self.buffered.read(rest).await?,
+                _ => None,
+            };
+            let n = match polled {
+                Some(n) => {
+                    // A direct read never returns to the runtime by itself:
+                    // let the connection's other tasks and the shutdown
+                    // signal in now and then.
+                    tokio::task::consume_budget().await;
+                    n
+                }
+                None => self.buffered.read(rest).await?,
             };
             if n == 0 {
                 return Err(cut_short(filled as u64, buf.len() as u64));
