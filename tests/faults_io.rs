@@ -26,7 +26,7 @@ use std::process::{Child, Command as Process, Stdio};
 use std::time::Duration;
 
 use common::client::Client;
-use common::{Env, Mount, Server, create_args, s, tool, tool_ok};
+use common::{Env, Loop, Mount, Server, create_args, s, tool, tool_ok};
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
 
 const MIB: u64 = 1 << 20;
@@ -318,25 +318,6 @@ fn backing_store_eio_is_nbd_eio_and_loses_nothing() {
     drop(c);
     assert!(server.stop().success());
     drop(faulty);
-}
-
-/// A loop device over a file; detached when dropped.
-struct Loop(String);
-
-impl Loop {
-    fn new(file: &Path) -> Self {
-        Self(
-            tool_ok("losetup", &["-f", "--show", file.to_str().unwrap()])
-                .trim()
-                .to_owned(),
-        )
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        tool("losetup", &["-d", &self.0]);
-    }
 }
 
 /// After a failed `fdatasync` the kernel may have dropped the pages it could

@@ -64,7 +64,10 @@ pub enum NbdError {
     /// proto.md: with `NBD_CMD_FLAG_FAST_ZERO` the server "MUST fail
     /// quickly with NBD_ENOTSUP unless the request can be serviced in less
     /// time than a corresponding NBD_CMD_WRITE".
-    #[error("fast zeroing is not possible: the export does not punch holes, or NO_HOLE was set")]
+    #[error(
+        "fast zeroing is not possible: the export does not punch holes (no --allow-discards, \
+         or a device that cannot zero by itself), or NO_HOLE was set"
+    )]
     FastZeroUnsupported,
     /// The backend failed.
     #[error("backend failed: {0}")]

@@ -87,6 +87,12 @@ pub trait Backend: Send + Sync + 'static {
     /// called.
     fn can_trim(&self) -> bool;
     fn trim(&self, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Whether `write_zeroes` with `may_trim` is quicker than a write, as
+    /// `NBD_CMD_FLAG_FAST_ZERO` asks: by default, whenever it may punch
+    /// holes.
+    fn can_fast_zero(&self) -> bool {
+        self.can_trim()
+    }
     /// The range must read as zeros afterwards; `may_trim` is false when
     /// the client set `NBD_CMD_FLAG_NO_HOLE`.
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> std::io::Result<()>;

@@ -191,10 +191,11 @@ impl RequestHeader {
             Command::WRITE_ZEROES => {
                 let may_trim = !self.flags.contains(CommandFlags::NO_HOLE);
                 // Zeroing is only quicker than writing when the backend may
-                // punch holes; otherwise it writes encrypted zeros, which is
-                // as slow as a write. Fail fast, changing nothing.
+                // punch holes and its storage zeroes by itself; otherwise
+                // zeros are written, as slow as a write. Fail fast, changing
+                // nothing.
                 if self.flags.contains(CommandFlags::FAST_ZERO)
-                    && !(may_trim && session.export.backend.can_trim())
+                    && !(may_trim && session.export.backend.can_fast_zero())
                 {
                     return Err(NbdError::FastZeroUnsupported);
                 }

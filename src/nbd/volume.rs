@@ -43,6 +43,10 @@ impl Backend for Volume {
         self.discard(offset, len)
     }
 
+    fn can_fast_zero(&self) -> bool {
+        self.zeroes_fast()
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         Volume::write_zeroes(self, offset, len, may_trim)
     }

@@ -9,10 +9,11 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
+use nix::sys::stat::{major, minor};
 use nix::unistd::{Whence, lseek64};
 
 mod ioctl {
@@ -56,19 +57,66 @@ pub struct Backing {
     /// later sync fails too, as PostgreSQL learned to do, until the volume
     /// is opened anew and its contents can be checked.
     sync_failed: AtomicBool,
+    offload: Offload,
+}
+
+/// What the storage below does without the data passing through it. A
+/// file punches holes for both; a device may do either, both or neither
+/// (a loop device over a file system without `fallocate` does neither), and
+/// says so in its queue limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Offload {
+    /// Discard requests reach the device.
+    discard: bool,
+    /// The device zeroes a range itself (WRITE ZEROES). Without it the
+    /// kernel zeroes a range by writing pages of zeros, as slow as any write.
+    zeroes: bool,
+}
+
+impl Offload {
+    const FILE: Offload = Offload {
+        discard: true,
+        zeroes: true,
+    };
+
+    /// A device's queue limits in sysfs, or for a partition its disk's.
+    /// Limits that cannot be read (no sysfs, as in some containers) count
+    /// as none: a fast zero is then refused rather than slow.
+    fn of_device(file: &File) -> Self {
+        let Ok(meta) = file.metadata() else {
+            return Offload {
+                discard: false,
+                zeroes: false,
+            };
+        };
+        let dev = meta.rdev();
+        let dir = format!("/sys/dev/block/{}:{}", major(dev), minor(dev));
+        let limit = |name: &str| {
+            ["queue", "../queue"]
+                .iter()
+                .find_map(|queue| std::fs::read_to_string(format!("{dir}/{queue}/{name}")).ok())
+                .and_then(|bytes| bytes.trim().parse::<u64>().ok())
+                .is_some_and(|bytes| bytes > 0)
+        };
+        Offload {
+            discard: limit("discard_max_bytes"),
+            zeroes: limit("write_zeroes_max_bytes"),
+        }
+    }
 }
 
 impl Backing {
     pub fn new(file: File) -> io::Result<Self> {
-        let kind = if file.metadata()?.file_type().is_block_device() {
-            BackingKind::BlockDevice
+        let (kind, offload) = if file.metadata()?.file_type().is_block_device() {
+            (BackingKind::BlockDevice, Offload::of_device(&file))
         } else {
-            BackingKind::File
+            (BackingKind::File, Offload::FILE)
         };
         Ok(Self {
             file,
             kind,
             sync_failed: AtomicBool::new(false),
+            offload,
         })
     }
 
@@ -169,36 +217,46 @@ impl Backing {
         fallocate(&self.file, FallocateFlags::empty(), 0, to_off(len)?).map_err(io::Error::from)
     }
 
-    /// Makes the range read as zero bytes without writing them: a punched
-    /// hole in a file, BLKZEROOUT on a device (which unmaps where it can).
+    /// Whether [`Backing::zero_range`] is quicker than writing the range:
+    /// what NBD's FAST_ZERO asks before anything is changed.
+    pub fn zeroes_fast(&self) -> bool {
+        self.offload.zeroes
+    }
+
+    /// Makes the range read as zero bytes and lets the storage below unmap
+    /// it. A file gets a hole. A device that zeroes by itself gets a punched
+    /// hole too, which on a device is WRITE ZEROES without the kernel's
+    /// fallback to writing zeros; any other device gets BLKZEROOUT, and the
+    /// kernel writes the zeros.
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
-        match self.kind {
-            BackingKind::File => fallocate(
-                &self.file,
-                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                to_off(offset)?,
-                to_off(len)?,
-            )
-            .map_err(io::Error::from),
-            BackingKind::BlockDevice => {
-                let range = [offset, len];
-                // SAFETY: the descriptor is open and `range` outlives the call.
-                unsafe { ioctl::blk_zero_out(self.file.as_raw_fd(), &range) }
-                    .map(drop)
-                    .map_err(io::Error::from)
-            }
+        if self.kind == BackingKind::BlockDevice && !self.offload.zeroes {
+            let range = [offset, len];
+            // SAFETY: the descriptor is open and `range` outlives the call.
+            return unsafe { ioctl::blk_zero_out(self.file.as_raw_fd(), &range) }
+                .map(drop)
+                .map_err(io::Error::from);
         }
+        fallocate(
+            &self.file,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            to_off(offset)?,
+            to_off(len)?,
+        )
+        .map_err(io::Error::from)
     }
 
     /// Gives the range back to the storage below. On a file this is a hole
     /// (reads as zeros); on a device the contents become unspecified, which
-    /// is all NBD's TRIM promises.
+    /// is all NBD's TRIM promises. A device that takes no discards is left
+    /// as it is: TRIM is advisory, and an error would reach the client's
+    /// kernel as a failed I/O.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         match self.kind {
             BackingKind::File => self.zero_range(offset, len),
+            BackingKind::BlockDevice if !self.offload.discard => Ok(()),
             BackingKind::BlockDevice => {
                 let range = [offset, len];
                 // SAFETY: the descriptor is open and `range` outlives the call.

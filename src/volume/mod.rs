@@ -115,6 +115,12 @@ impl Volume {
     pub fn allow_discards(&self) -> bool {
         self.allow_discards
     }
+
+    /// Whether zeroing that may punch holes is quicker than writing zeros:
+    /// discards are allowed and the storage below zeroes by itself.
+    pub fn zeroes_fast(&self) -> bool {
+        self.allow_discards && self.backing.zeroes_fast()
+    }
 }
 
 impl std::fmt::Debug for Volume {

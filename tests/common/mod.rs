@@ -295,6 +295,12 @@ impl Mount {
         )
     }
 
+    /// A ramfs: a file system without `fallocate`, so a loop device over
+    /// one of its files can neither discard nor zero by itself.
+    pub fn ramfs(env: &Env, name: &str) -> Self {
+        Self::new(env, name, &["-t", "ramfs", "ramfs"])
+    }
+
     /// XFS with reflink, on a sparse image file: a file system that shares
     /// blocks between files (FICLONERANGE).
     pub fn xfs(env: &Env, name: &str) -> Self {
@@ -322,6 +328,35 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = tool("umount", &[self.dir.to_str().unwrap()]);
+    }
+}
+
+/// A loop device over a file; detached when dropped.
+pub struct Loop(pub String);
+
+impl Loop {
+    pub fn new(file: &Path) -> Self {
+        Self(
+            tool_ok("losetup", &["-f", "--show", file.to_str().unwrap()])
+                .trim()
+                .to_owned(),
+        )
+    }
+
+    /// One of the device's queue limits in sysfs, in bytes.
+    pub fn limit(&self, name: &str) -> u64 {
+        let device = Path::new(&self.0).file_name().unwrap().to_str().unwrap();
+        std::fs::read_to_string(format!("/sys/block/{device}/queue/{name}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        tool("losetup", &["-d", &self.0]);
     }
 }
 
