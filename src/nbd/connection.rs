@@ -18,6 +18,7 @@ use std::io::{self, IoSlice};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,19 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Replies are gathered in a buffer of this size, so a burst of small
 /// replies leaves in one system call; larger reads go out directly.
 const WRITE_BUFFER: usize = 64 * 1024;
+
+/// Read data a connection's reader lets wait for the writer before it gives
+/// way to it. Reads served on the reactor queue their replies faster than
+/// the writer, a task of its own, gets to send them: nbdcopy keeps 64 reads
+/// of 256 KiB in flight per connection, and the reader would serve all that
+/// the socket holds before the writer ran, and a reply could wait behind
+/// 16 MiB of others, far more than a core's cache holds. Copying a 1 GiB volume out with
+/// nbdcopy, four alternating rounds: 4.26-4.44 GB/s (× 0.96-1.04 nbdkit's
+/// file plugin in the same rounds) against 4.02-4.32 (× 0.92-0.97) without
+/// it; server CPU 230-260 ms against 260-290, idle CPU during the copy
+/// 20-30 ms against 30-50. 512 KiB and 1 MiB did about as well. 4 KiB
+/// reads at queue depth 32 never have this much waiting.
+const UNSENT_MAX: usize = 256 * 1024;
 
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -155,17 +169,20 @@ where
         limits.max_inflight_bytes_per_connection / 2,
         memory.pooled.clone(),
     ));
+    let unsent = Arc::new(AtomicUsize::new(0));
     let mut writer = tokio::spawn(write_replies(
         Stalling::new(writer, limits.reply_timeout),
         queue,
         session.structured,
         session.meta_context.unwrap_or_default(),
         pool.clone(),
+        unsent.clone(),
     ));
     let worker = Worker {
         session,
         replies,
         pool,
+        unsent,
         _tracker: tracker,
     };
     let mut inline = Inline::default();
@@ -205,6 +222,9 @@ where
                 match inline.run(&worker.session, &mut job) {
                     Some(result) => {
                         let _ = worker.replies.send(worker.finish(job, result));
+                        if worker.unsent.load(Ordering::Relaxed) > UNSENT_MAX {
+                            tokio::task::yield_now().await;
+                        }
                     }
                     None => worker.spawn(job),
                 }
@@ -280,6 +300,8 @@ struct Worker {
     session: Arc<Session>,
     replies: mpsc::UnboundedSender<Reply>,
     pool: Arc<BufferPool>,
+    /// Bytes of read data in replies the writer has not written yet.
+    unsent: Arc<AtomicUsize>,
     _tracker: mpsc::Sender<()>,
 }
 
@@ -309,7 +331,9 @@ impl Worker {
             let h = &job.header;
             warn!(command = ?h.command, offset = h.offset, length = h.length, error = %e, "request failed");
         }
-        if !matches!(result, Ok(Outcome::Data)) {
+        if matches!(result, Ok(Outcome::Data)) {
+            self.unsent.fetch_add(job.buffer.len(), Ordering::Relaxed);
+        } else {
             self.pool.give(std::mem::take(&mut job.buffer));
         }
         Reply {
@@ -509,15 +533,19 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     structured: bool,
     context_id: u32,
     pool: Arc<BufferPool>,
+    unsent: Arc<AtomicUsize>,
 ) -> io::Result<()> {
     let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
     let mut scratch = Vec::new();
-    while let Some(reply) = queue.recv().await {
-        write_reply(&mut writer, &reply, structured, context_id, &mut scratch).await?;
-        pool.give(reply.buffer);
-        while let Ok(reply) = queue.try_recv() {
+    while let Some(first) = queue.recv().await {
+        let mut next = Some(first);
+        while let Some(reply) = next {
             write_reply(&mut writer, &reply, structured, context_id, &mut scratch).await?;
+            if matches!(reply.result, Ok(Outcome::Data)) {
+                unsent.fetch_sub(reply.buffer.len(), Ordering::Relaxed);
+            }
             pool.give(reply.buffer);
+            next = queue.try_recv().ok();
         }
         writer.flush().await?;
     }
@@ -688,7 +716,8 @@ mod tests {
     };
     use crate::nbd::testing::{MemBackend, session};
     use proptest::prelude::*;
-    use tokio::io::{AsyncReadExt, DuplexStream, duplex};
+    use std::sync::OnceLock;
+    use tokio::io::{AsyncReadExt, DuplexStream, WriteHalf, duplex};
     use tokio::sync::watch;
     use tokio::task::JoinHandle;
 
@@ -704,11 +733,20 @@ mod tests {
     }
 
     fn start(session: Session) -> Harness {
+        start_with(session, |w| w)
+    }
+
+    /// Like [`start`], with the server writing through `wrap`.
+    fn start_with<W: AsyncWrite + Unpin + Send + 'static>(
+        session: Session,
+        wrap: impl FnOnce(WriteHalf<DuplexStream>) -> W + Send + 'static,
+    ) -> Harness {
         let (client, server) = duplex(1 << 20);
         let (stop, stopped) = watch::channel(false);
         let (tracker, _) = mpsc::channel(1);
         let server = tokio::spawn(async move {
             let (r, w) = tokio::io::split(server);
+            let w = wrap(w);
             let limits = Limits {
                 max_request_bytes: session.max_request_bytes,
                 ..Limits::default()
@@ -957,6 +995,79 @@ mod tests {
         let mut inline = Inline::default();
         inline.account(t0, ms(50));
         assert_eq!(inline.writes_paused_until, Some(t0 + ms(50) + INLINE_PAUSE));
+    }
+
+    /// A writer that notes how many reads the backend had served when the
+    /// server first wrote to it.
+    struct FirstWrite<W> {
+        inner: W,
+        backend: MemBackend,
+        reads: Arc<OnceLock<usize>>,
+    }
+
+    impl<W> FirstWrite<W> {
+        fn note(&self) {
+            self.reads.get_or_init(|| self.backend.reads());
+        }
+    }
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for FirstWrite<W> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.note();
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Reads served on the reactor do not pile up for the writer: once more
+    /// than `UNSENT_MAX` of read data waits, the reader lets the writer run,
+    /// although more requests are at hand.
+    #[tokio::test]
+    async fn the_reader_gives_way_once_read_data_piles_up() {
+        let backend = MemBackend::new(8 << 20, 512, true);
+        let reads = Arc::new(OnceLock::new());
+        let (noted, counted) = (reads.clone(), backend.clone());
+        let mut h = start_with(session(backend.clone(), false, false), move |w| {
+            FirstWrite {
+                inner: w,
+                backend: counted,
+                reads: noted,
+            }
+        });
+        let len = INLINE_MAX as usize;
+        let n = 16;
+        let mut burst = Vec::new();
+        for i in 0..n {
+            let header = RequestHeader {
+                flags: NONE,
+                command: Command::READ,
+                cookie: i,
+                offset: i * len as u64,
+                length: len as u32,
+            };
+            burst.extend_from_slice(&header.encode());
+        }
+        h.client.write_all(&burst).await.unwrap();
+        for _ in 0..n {
+            assert_eq!(simple(&mut h.client, len).await.0, 0);
+        }
+        assert_eq!(backend.reads(), n as usize);
+        let before_first_write = *reads.get().unwrap();
+        assert!(
+            before_first_write <= UNSENT_MAX / len + 1,
+            "{before_first_write} of {n} reads served before the writer ran"
+        );
     }
 
     /// A burst of pipelined requests, without waiting for replies: small

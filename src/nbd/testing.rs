@@ -1,4 +1,4 @@
-//! Test helpers: an in-memory backend that counts flushes and reports
+//! Test helpers: an in-memory backend that counts reads and flushes and reports
 //! all-zero blocks as holes, and a negotiated session over it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +14,7 @@ struct Inner {
     data: Mutex<Vec<u8>>,
     block_size: u32,
     can_trim: bool,
+    reads: AtomicUsize,
     flushes: AtomicUsize,
 }
 
@@ -23,8 +24,13 @@ impl MemBackend {
             data: Mutex::new(vec![0; size]),
             block_size,
             can_trim,
+            reads: AtomicUsize::new(0),
             flushes: AtomicUsize::new(0),
         }))
+    }
+
+    pub fn reads(&self) -> usize {
+        self.0.reads.load(Ordering::SeqCst)
     }
 
     pub fn flushes(&self) -> usize {
@@ -49,6 +55,7 @@ impl Backend for MemBackend {
         self.0.block_size
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.reads.fetch_add(1, Ordering::SeqCst);
         let data = self.0.data.lock().unwrap();
         buf.copy_from_slice(&data[offset as usize..offset as usize + buf.len()]);
         Ok(())
