@@ -30,6 +30,16 @@ fn request(c: &mut Client, command: Command, flags: CommandFlags, offset: u64, l
     c.reply(|_| 0).unwrap().error
 }
 
+/// Whether `len` bytes of the device at `offset` are all zeros.
+fn raw_zeros(device: &Loop, offset: u64, len: u64) -> bool {
+    let mut raw = vec![1u8; len as usize];
+    File::open(&device.0)
+        .unwrap()
+        .read_exact_at(&mut raw, offset)
+        .unwrap();
+    raw.iter().all(|&b| b == 0)
+}
+
 #[test]
 fn fast_zero_and_trim_follow_what_the_device_can_do() {
     let env = Env::new();
@@ -73,13 +83,8 @@ fn fast_zero_and_trim_follow_what_the_device_can_do() {
         if offloads {
             assert_eq!(fast, 0, "a device that zeroes by itself zeroes fast");
             assert!(first.iter().all(|&b| b == 0), "reads as zeros");
-            let mut raw = vec![1u8; 256 * KIB as usize];
-            File::open(&device.0)
-                .unwrap()
-                .read_exact_at(&mut raw, data_offset)
-                .unwrap();
             assert!(
-                raw.iter().all(|&b| b == 0),
+                raw_zeros(&device, data_offset, 256 * KIB),
                 "zeroed on the device, not written as encrypted zeros"
             );
         } else {
@@ -107,6 +112,12 @@ fn fast_zero_and_trim_follow_what_the_device_can_do() {
         let trim = request(&mut c, Command::TRIM, CommandFlags(0), 512 * KIB, 256 * KIB);
         assert_eq!(trim, 0, "TRIM is advisory: {}", file.display());
         c.flush().unwrap();
+        if offloads {
+            assert!(
+                raw_zeros(&device, data_offset + 512 * KIB, 256 * KIB),
+                "discarded on the device"
+            );
+        }
         drop(c);
         assert!(server.stop().success());
         let server = Server::start(&env, "nbd.sock", &[&device.0]);

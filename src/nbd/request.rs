@@ -192,8 +192,8 @@ impl RequestHeader {
                 let may_trim = !self.flags.contains(CommandFlags::NO_HOLE);
                 // Zeroing is only quicker than writing when the backend may
                 // punch holes and its storage zeroes by itself; otherwise
-                // zeros are written, as slow as a write. Fail fast, changing
-                // nothing.
+                // zeros are written through the host, like any write. Fail
+                // fast, changing nothing.
                 if self.flags.contains(CommandFlags::FAST_ZERO)
                     && !(may_trim && session.export.backend.can_fast_zero())
                 {

@@ -10,8 +10,10 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
 use nix::sys::stat::{major, minor};
 use nix::unistd::{Whence, lseek64};
@@ -57,66 +59,52 @@ pub struct Backing {
     /// later sync fails too, as PostgreSQL learned to do, until the volume
     /// is opened anew and its contents can be checked.
     sync_failed: AtomicBool,
-    offload: Offload,
+    /// Whether the storage below zeroes a range by itself, without the
+    /// zeros passing through the host: a file by punching a hole, a device
+    /// if its queue limits say it takes WRITE ZEROES. Cleared if a device
+    /// refuses after all: a SCSI disk turns WRITE SAME off after it fails
+    /// once, and a device-mapper table can be reloaded with other limits.
+    zeroes_itself: AtomicBool,
+    /// Whether discards may reach the storage below; cleared the first time
+    /// a device refuses one.
+    discards: AtomicBool,
 }
 
-/// What the storage below does without the data passing through it. A
-/// file punches holes for both; a device may do either, both or neither
-/// (a loop device over a file system without `fallocate` does neither), and
-/// says so in its queue limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Offload {
-    /// Discard requests reach the device.
-    discard: bool,
-    /// The device zeroes a range itself (WRITE ZEROES). Without it the
-    /// kernel zeroes a range by writing pages of zeros, as slow as any write.
-    zeroes: bool,
-}
-
-impl Offload {
-    const FILE: Offload = Offload {
-        discard: true,
-        zeroes: true,
+/// Whether a device zeroes ranges by itself, from its queue limits in
+/// sysfs (a partition's are its disk's). Limits that cannot be read (no
+/// sysfs, as in some containers) count as none: a fast zero is then refused
+/// rather than slow.
+fn device_zeroes_itself(file: &File) -> bool {
+    let Ok(meta) = file.metadata() else {
+        return false;
     };
-
-    /// A device's queue limits in sysfs, or for a partition its disk's.
-    /// Limits that cannot be read (no sysfs, as in some containers) count
-    /// as none: a fast zero is then refused rather than slow.
-    fn of_device(file: &File) -> Self {
-        let Ok(meta) = file.metadata() else {
-            return Offload {
-                discard: false,
-                zeroes: false,
-            };
-        };
-        let dev = meta.rdev();
-        let dir = format!("/sys/dev/block/{}:{}", major(dev), minor(dev));
-        let limit = |name: &str| {
-            ["queue", "../queue"]
-                .iter()
-                .find_map(|queue| std::fs::read_to_string(format!("{dir}/{queue}/{name}")).ok())
-                .and_then(|bytes| bytes.trim().parse::<u64>().ok())
-                .is_some_and(|bytes| bytes > 0)
-        };
-        Offload {
-            discard: limit("discard_max_bytes"),
-            zeroes: limit("write_zeroes_max_bytes"),
-        }
-    }
+    let dev = meta.rdev();
+    let dir = PathBuf::from(format!("/sys/dev/block/{}:{}", major(dev), minor(dev)));
+    // The kernel resolves `..` after the symlink, to the disk's directory.
+    let queue = if dir.join("partition").exists() {
+        dir.join("../queue")
+    } else {
+        dir.join("queue")
+    };
+    std::fs::read_to_string(queue.join("write_zeroes_max_bytes"))
+        .ok()
+        .and_then(|bytes| bytes.trim().parse::<u64>().ok())
+        .is_some_and(|bytes| bytes > 0)
 }
 
 impl Backing {
     pub fn new(file: File) -> io::Result<Self> {
-        let (kind, offload) = if file.metadata()?.file_type().is_block_device() {
-            (BackingKind::BlockDevice, Offload::of_device(&file))
+        let (kind, zeroes_itself) = if file.metadata()?.file_type().is_block_device() {
+            (BackingKind::BlockDevice, device_zeroes_itself(&file))
         } else {
-            (BackingKind::File, Offload::FILE)
+            (BackingKind::File, true)
         };
         Ok(Self {
             file,
             kind,
             sync_failed: AtomicBool::new(false),
-            offload,
+            zeroes_itself: AtomicBool::new(zeroes_itself),
+            discards: AtomicBool::new(true),
         })
     }
 
@@ -217,10 +205,16 @@ impl Backing {
         fallocate(&self.file, FallocateFlags::empty(), 0, to_off(len)?).map_err(io::Error::from)
     }
 
-    /// Whether [`Backing::zero_range`] is quicker than writing the range:
-    /// what NBD's FAST_ZERO asks before anything is changed.
-    pub fn zeroes_fast(&self) -> bool {
-        self.offload.zeroes
+    /// Whether [`Backing::zero_range`] leaves the zeroing to the storage
+    /// below, so that no zeros pass through the host: what NBD's FAST_ZERO
+    /// asks for, before anything is changed.
+    pub fn zeroes_itself(&self) -> bool {
+        self.zeroes_itself.load(Ordering::Relaxed)
+    }
+
+    /// Whether a discard may still reach the storage below.
+    pub fn discards(&self) -> bool {
+        self.discards.load(Ordering::Relaxed)
     }
 
     /// Makes the range read as zero bytes and lets the storage below unmap
@@ -232,20 +226,28 @@ impl Backing {
         if len == 0 {
             return Ok(());
         }
-        if self.kind == BackingKind::BlockDevice && !self.offload.zeroes {
-            let range = [offset, len];
-            // SAFETY: the descriptor is open and `range` outlives the call.
-            return unsafe { ioctl::blk_zero_out(self.file.as_raw_fd(), &range) }
-                .map(drop)
-                .map_err(io::Error::from);
+        if self.zeroes_itself() {
+            match fallocate(
+                &self.file,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                to_off(offset)?,
+                to_off(len)?,
+            ) {
+                Err(Errno::EOPNOTSUPP) if self.kind == BackingKind::BlockDevice => {
+                    tracing::warn!(
+                        "the device refused to zero a range by itself; \
+                         the kernel writes the zeros from now on, and fast zeroing is refused"
+                    );
+                    self.zeroes_itself.store(false, Ordering::Relaxed);
+                }
+                done => return done.map_err(io::Error::from),
+            }
         }
-        fallocate(
-            &self.file,
-            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            to_off(offset)?,
-            to_off(len)?,
-        )
-        .map_err(io::Error::from)
+        let range = [offset, len];
+        // SAFETY: the descriptor is open and `range` outlives the call.
+        unsafe { ioctl::blk_zero_out(self.file.as_raw_fd(), &range) }
+            .map(drop)
+            .map_err(io::Error::from)
     }
 
     /// Gives the range back to the storage below. On a file this is a hole
@@ -254,16 +256,21 @@ impl Backing {
     /// as it is: TRIM is advisory, and an error would reach the client's
     /// kernel as a failed I/O.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self.kind {
-            BackingKind::File => self.zero_range(offset, len),
-            BackingKind::BlockDevice if !self.offload.discard => Ok(()),
-            BackingKind::BlockDevice => {
-                let range = [offset, len];
-                // SAFETY: the descriptor is open and `range` outlives the call.
-                unsafe { ioctl::blk_discard(self.file.as_raw_fd(), &range) }
-                    .map(drop)
-                    .map_err(io::Error::from)
+        if self.kind == BackingKind::File {
+            return self.zero_range(offset, len);
+        }
+        if !self.discards() {
+            return Ok(());
+        }
+        let range = [offset, len];
+        // SAFETY: the descriptor is open and `range` outlives the call.
+        match unsafe { ioctl::blk_discard(self.file.as_raw_fd(), &range) } {
+            Err(Errno::EOPNOTSUPP) => {
+                tracing::debug!("the device takes no discards; TRIM does nothing from now on");
+                self.discards.store(false, Ordering::Relaxed);
+                Ok(())
             }
+            done => done.map(drop).map_err(io::Error::from),
         }
     }
 

@@ -175,12 +175,13 @@ impl Volume {
     }
 
     /// NBD's TRIM: gives whole sectors back to the backing store when discards
-    /// are allowed, and does nothing otherwise (TRIM is advisory).
+    /// are allowed and it takes them, and does nothing otherwise (TRIM is
+    /// advisory; a snapshot need not copy what stays as it is).
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
         let (start, end) = self.inner_sectors(offset, len);
-        if !self.allow_discards || start >= end {
+        if !self.allow_discards || !self.backing.discards() || start >= end {
             return Ok(());
         }
         let _held = self.locks.lock(start, end - start, false);

@@ -116,10 +116,11 @@ impl Volume {
         self.allow_discards
     }
 
-    /// Whether zeroing that may punch holes is quicker than writing zeros:
-    /// discards are allowed and the storage below zeroes by itself.
+    /// Whether zeroing that may punch holes needs no zeros written through
+    /// the host: discards are allowed and the storage below zeroes by
+    /// itself.
     pub fn zeroes_fast(&self) -> bool {
-        self.allow_discards && self.backing.zeroes_fast()
+        self.allow_discards && self.backing.zeroes_itself()
     }
 }
 
