@@ -1,13 +1,13 @@
-//! A volume on a real block device zeroes and discards only as the device
-//! can. NBD's FAST_ZERO promises a zeroing quicker than a write, or an
-//! ENOTSUP before anything changes; a device that cannot zero by itself has
-//! the kernel write the zeros, which is no quicker. TRIM is advisory, so a
-//! device that takes no discards leaves the range as it is, without an
-//! error.
+//! A volume zeroes and discards only as its storage can. NBD's FAST_ZERO
+//! promises a zeroing quicker than a write, or an ENOTSUP before anything
+//! changes; a device that cannot zero by itself has the kernel write the
+//! zeros, which is no quicker. TRIM is advisory, so storage that takes no
+//! discards leaves the range as it is, without an error.
 //!
 //! Two loop devices: one over a file of the test's own file system, which
 //! zeroes and discards by punching holes in it, and one over a file on a
-//! ramfs, which has no `fallocate` and so can do neither.
+//! ramfs, which has no `fallocate` and so can do neither. And a volume file
+//! on that ramfs, where the server finds out on the first hole it tries.
 //!
 //! Needs root (losetup, mount), as scripts/test.sh runs it.
 
@@ -17,7 +17,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use common::client::Client;
-use common::{Env, Loop, Mount, Server, create_args};
+use common::{Env, Loop, Mount, Server, create_args, s};
 use nbdcrypt::nbd::proto::wire::{Command, CommandFlags};
 
 const KIB: u64 = 1024;
@@ -137,4 +137,48 @@ fn fast_zero_and_trim_follow_what_the_device_can_do() {
         drop(c);
         assert!(server.stop().success());
     }
+}
+
+/// A file system that punches no holes (NFS before v4.2, FAT; here a
+/// ramfs): zeroing writes encrypted zeros instead, TRIM does nothing, and
+/// once the server knows, FAST_ZERO is refused.
+#[test]
+fn a_file_system_without_holes_gets_zeros_written() {
+    let env = Env::new();
+    env.key("alias/device");
+    let ram = Mount::ramfs(&env, "ram");
+    let path = ram.dir.join("v.vol");
+    env.ok(&create_args(s(&path), "32M", "alias/device", "vol-ramfs"));
+    let server = Server::start(&env, "nbd.sock", &["--allow-discards", s(&path)]);
+    let mut c = Client::connect(&server.socket, "").unwrap();
+    let data = common::random_bytes(768 * KIB as usize);
+    c.write(0, &data, true).unwrap();
+
+    let zero = request(&mut c, Command::WRITE_ZEROES, CommandFlags(0), 0, 256 * KIB);
+    assert_eq!(zero, 0, "zeros written instead of a hole");
+    let trim = request(&mut c, Command::TRIM, CommandFlags(0), 256 * KIB, 256 * KIB);
+    assert_eq!(trim, 0, "TRIM is advisory");
+    let fast = request(
+        &mut c,
+        Command::WRITE_ZEROES,
+        CommandFlags::FAST_ZERO,
+        512 * KIB,
+        256 * KIB,
+    );
+    assert_eq!(fast, ENOTSUP, "known now: no hole can be punched");
+    c.flush().unwrap();
+    drop(c);
+    assert!(server.stop().success());
+
+    let server = Server::start(&env, "nbd.sock", &[s(&path)]);
+    let mut c = Client::connect(&server.socket, "").unwrap();
+    let read = c.read(0, 768 * KIB as u32).unwrap();
+    let zeros = vec![0u8; 256 * KIB as usize];
+    let expected = [&zeros[..], &data[256 * KIB as usize..]].concat();
+    assert_eq!(
+        read, expected,
+        "zeroed, trimmed (untouched), refused (untouched)"
+    );
+    drop(c);
+    assert!(server.stop().success());
 }

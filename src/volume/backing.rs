@@ -61,8 +61,9 @@ pub struct Backing {
     sync_failed: AtomicBool,
     /// Whether the storage below zeroes a range by itself, without the
     /// zeros passing through the host: a file by punching a hole, a device
-    /// if its queue limits say it takes WRITE ZEROES. Cleared if a device
-    /// refuses after all: a SCSI disk turns WRITE SAME off after it fails
+    /// if its queue limits say it takes WRITE ZEROES. Cleared when it
+    /// refuses after all: some file systems punch no holes (NFS before
+    /// v4.2, FAT, ramfs), a SCSI disk turns WRITE SAME off after it fails
     /// once, and a device-mapper table can be reloaded with other limits.
     zeroes_itself: AtomicBool,
     /// Whether discards may reach the storage below; cleared the first time
@@ -218,13 +219,14 @@ impl Backing {
     }
 
     /// Makes the range read as zero bytes and lets the storage below unmap
-    /// it. A file gets a hole. A device that zeroes by itself gets a punched
-    /// hole too, which on a device is WRITE ZEROES without the kernel's
-    /// fallback to writing zeros; any other device gets BLKZEROOUT, and the
-    /// kernel writes the zeros.
-    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+    /// it, and says whether it did. A file gets a hole. A device that zeroes
+    /// by itself gets a punched hole too, which on a device is WRITE ZEROES
+    /// without the kernel's fallback to writing zeros; any other device gets
+    /// BLKZEROOUT, and the kernel writes the zeros. `Ok(false)`: the file
+    /// system punches no holes, and the caller must write the zeros.
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
         if len == 0 {
-            return Ok(());
+            return Ok(true);
         }
         if self.zeroes_itself() {
             match fallocate(
@@ -233,31 +235,37 @@ impl Backing {
                 to_off(offset)?,
                 to_off(len)?,
             ) {
-                Err(Errno::EOPNOTSUPP) if self.kind == BackingKind::BlockDevice => {
+                Ok(()) => return Ok(true),
+                Err(Errno::EOPNOTSUPP) => {
                     tracing::warn!(
-                        "the device refused to zero a range by itself; \
-                         the kernel writes the zeros from now on, and fast zeroing is refused"
+                        "the storage refused to zero a range by itself; zeros are written \
+                         from now on, and fast zeroing is refused"
                     );
                     self.zeroes_itself.store(false, Ordering::Relaxed);
                 }
-                done => return done.map_err(io::Error::from),
+                Err(e) => return Err(e.into()),
             }
+        }
+        if self.kind == BackingKind::File {
+            return Ok(false);
         }
         let range = [offset, len];
         // SAFETY: the descriptor is open and `range` outlives the call.
-        unsafe { ioctl::blk_zero_out(self.file.as_raw_fd(), &range) }
-            .map(drop)
-            .map_err(io::Error::from)
+        unsafe { ioctl::blk_zero_out(self.file.as_raw_fd(), &range) }?;
+        Ok(true)
     }
 
     /// Gives the range back to the storage below. On a file this is a hole
     /// (reads as zeros); on a device the contents become unspecified, which
-    /// is all NBD's TRIM promises. A device that takes no discards is left
+    /// is all NBD's TRIM promises. Storage that takes no discards is left
     /// as it is: TRIM is advisory, and an error would reach the client's
     /// kernel as a failed I/O.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.kind == BackingKind::File {
-            return self.zero_range(offset, len);
+            if self.zeroes_itself() {
+                self.zero_range(offset, len)?;
+            }
+            return Ok(());
         }
         if !self.discards() {
             return Ok(());
@@ -363,7 +371,7 @@ mod tests {
         assert_eq!(total, 4 << 20);
         assert!(runs[0].hole);
         assert!(runs.iter().any(|r| !r.hole));
-        b.zero_range(1 << 20, 65536).unwrap();
+        assert!(b.zero_range(1 << 20, 65536).unwrap());
         let mut buf = [1u8; 16];
         b.read_exact_at(&mut buf, 1 << 20).unwrap();
         assert_eq!(buf, [0u8; 16]);

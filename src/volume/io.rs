@@ -143,8 +143,8 @@ impl Volume {
 
     /// Makes the range read as zeros. Ranges that are holes already are left
     /// alone. With `may_punch` and `--allow-discards` the rest is punched out
-    /// too; otherwise encrypted zeros are written, so the backing store shows
-    /// no more than an ordinary write would.
+    /// too, where the storage can; otherwise encrypted zeros are written, so
+    /// the backing store shows no more than an ordinary write would.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_punch: bool) -> io::Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
@@ -161,13 +161,14 @@ impl Volume {
         self.before_change(inner_start, inner_end - inner_start);
         let mut pos = inner_start;
         for run in self.allocation(inner_start, inner_end - inner_start)? {
-            if !run.hole {
-                if may_punch && self.allow_discards {
-                    self.backing
-                        .zero_range(self.data_offset + pos, run.length)?;
-                } else {
-                    self.write_encrypted_zeros(pos, run.length)?;
-                }
+            let punched = !run.hole
+                && may_punch
+                && self.allow_discards
+                && self
+                    .backing
+                    .zero_range(self.data_offset + pos, run.length)?;
+            if !run.hole && !punched {
+                self.write_encrypted_zeros(pos, run.length)?;
             }
             pos += run.length;
         }

@@ -179,6 +179,7 @@ fn format(
             backing.file().set_len(len).map_err(io)?;
         }
         BackingKind::BlockDevice => {
+            // A device always zeroes, one way or the other.
             backing
                 .zero_range(0, DEFAULT_DATA_OFFSET + size)
                 .map_err(io)?;
