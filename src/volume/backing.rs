@@ -213,9 +213,13 @@ impl Backing {
         self.zeroes_itself.load(Ordering::Relaxed)
     }
 
-    /// Whether a discard may still reach the storage below.
+    /// Whether a discard may still reach the storage below: on a file, a
+    /// punched hole.
     pub fn discards(&self) -> bool {
-        self.discards.load(Ordering::Relaxed)
+        match self.kind {
+            BackingKind::File => self.zeroes_itself(),
+            BackingKind::BlockDevice => self.discards.load(Ordering::Relaxed),
+        }
     }
 
     /// Makes the range read as zero bytes and lets the storage below unmap
@@ -261,14 +265,11 @@ impl Backing {
     /// as it is: TRIM is advisory, and an error would reach the client's
     /// kernel as a failed I/O.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.kind == BackingKind::File {
-            if self.zeroes_itself() {
-                self.zero_range(offset, len)?;
-            }
-            return Ok(());
-        }
         if !self.discards() {
             return Ok(());
+        }
+        if self.kind == BackingKind::File {
+            return self.zero_range(offset, len).map(drop);
         }
         let range = [offset, len];
         // SAFETY: the descriptor is open and `range` outlives the call.
