@@ -161,14 +161,15 @@ impl Volume {
         self.before_change(inner_start, inner_end - inner_start);
         let mut pos = inner_start;
         for run in self.allocation(inner_start, inner_end - inner_start)? {
-            let punched = !run.hole
-                && may_punch
-                && self.allow_discards
-                && self
-                    .backing
-                    .zero_range(self.data_offset + pos, run.length)?;
-            if !run.hole && !punched {
-                self.write_encrypted_zeros(pos, run.length)?;
+            if !run.hole {
+                let punched = may_punch
+                    && self.allow_discards
+                    && self
+                        .backing
+                        .zero_range(self.data_offset + pos, run.length)?;
+                if !punched {
+                    self.write_encrypted_zeros(pos, run.length)?;
+                }
             }
             pos += run.length;
         }
