@@ -20,7 +20,8 @@
 //!   and [`busy_poll`] lets it take a payload's pieces without sleeping
 //!   between them.
 //! - [`server`]: accept loops on TCP and Unix sockets, the connection
-//!   limit, shutdown fan-out and the final flush.
+//!   limit, shutdown fan-out and the final flush; [`cores`] runs each
+//!   connection on one thread, one such thread per CPU.
 //!
 //! The server is generic over a [`Backend`]: the encrypted volume (see
 //! `volume.rs`), and an in-memory one in this module's unit tests.
@@ -28,6 +29,7 @@
 pub mod buffers;
 pub mod busy_poll;
 pub mod connection;
+pub mod cores;
 pub mod error;
 pub mod handshake;
 pub mod proto;

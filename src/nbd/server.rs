@@ -2,7 +2,8 @@
 //! `shutdown`): one accept loop per listener, a bound on connections, a
 //! watch channel that tells every connection to stop, and an mpsc channel
 //! whose senders are held by every task that may still touch a backend, so
-//! the server knows when the last one is gone and can flush.
+//! the server knows when the last one is gone and can flush. Connections
+//! run on the [`Cores`], not on the runtime that accepts them.
 
 use std::future::Future;
 use std::io;
@@ -18,6 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::busy_poll::BusyPoll;
 use super::connection::{self, REQUEST_OVERHEAD, ServerMemory};
+use super::cores::Cores;
 use super::handshake::{self, Negotiated};
 use super::proto::MAX_STRING_LEN;
 use super::request::Op;
@@ -58,6 +60,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     check_config(&exports, &limits, &listeners)?;
+    let cores = Arc::new(Cores::start()?);
     let memory = ServerMemory::new(&limits);
     let shared = Arc::new(Shared {
         exports,
@@ -74,6 +77,7 @@ pub async fn serve(
             listener,
             shared.clone(),
             slots.clone(),
+            cores.clone(),
             Shutdown::new(stop.clone()),
             tracker.clone(),
         ));
@@ -86,6 +90,9 @@ pub async fn serve(
     while accepting.join_next().await.is_some() {}
     // Returns once every connection and request task has dropped its sender.
     let _ = all_done.recv().await;
+    if let Some(cores) = Arc::into_inner(cores) {
+        let _ = tokio::task::spawn_blocking(move || cores.stop()).await;
+    }
 
     let mut result = Ok(());
     for export in &shared.exports {
@@ -195,20 +202,22 @@ fn check_config(exports: &[Export], limits: &Limits, listeners: &[Listener]) -> 
 /// Connection ids in logs.
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
+/// An accepted connection, taken off the accepting runtime's reactor on its
+/// way to a core's.
 enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
 }
 
 async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
     match listener {
         Listener::Tcp(l) => {
             let (stream, peer) = l.accept().await?;
-            Ok((Stream::Tcp(stream), peer.to_string()))
+            Ok((Stream::Tcp(stream.into_std()?), peer.to_string()))
         }
         Listener::Unix(l) => {
             let (stream, _) = l.accept().await?;
-            Ok((Stream::Unix(stream), "unix".to_owned()))
+            Ok((Stream::Unix(stream.into_std()?), "unix".to_owned()))
         }
     }
 }
@@ -217,6 +226,7 @@ async fn accept_loop(
     listener: Listener,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
+    cores: Arc<Cores>,
     mut shutdown: Shutdown,
     tracker: mpsc::Sender<()>,
 ) {
@@ -248,7 +258,7 @@ async fn accept_loop(
             tracker.clone(),
             slot,
         );
-        tokio::spawn(client.instrument(span));
+        cores.spawn(client.instrument(span));
     }
 }
 
@@ -260,8 +270,24 @@ async fn serve_client(
     slot: OwnedSemaphorePermit,
 ) {
     info!("connected");
+    if let Err(e) = serve_stream(stream, &shared, shutdown, tracker).await {
+        warn!(error = %e, "could not serve the connection");
+    }
+    drop(slot);
+    info!("disconnected");
+}
+
+/// Registers the stream with the reactor of the core it now runs on, and
+/// serves it; fails only if that registration does.
+async fn serve_stream(
+    stream: Stream,
+    shared: &Shared,
+    shutdown: Shutdown,
+    tracker: mpsc::Sender<()>,
+) -> io::Result<()> {
     match stream {
         Stream::Tcp(stream) => {
+            let stream = TcpStream::from_std(stream)?;
             // proto.md: both sides SHOULD disable Nagle's algorithm.
             if let Err(e) = stream.set_nodelay(true) {
                 debug!(error = %e, "could not set TCP_NODELAY");
@@ -270,19 +296,19 @@ async fn serve_client(
             // fewer, larger pieces: over loopback, fio's 1 MiB writes ran at
             // 4.0k-4.1k IOPS with polling or without.
             let (reader, writer) = stream.into_split();
-            serve_halves(reader, writer, None, &shared, shutdown, tracker).await;
+            serve_halves(reader, writer, None, shared, shutdown, tracker).await;
         }
         Stream::Unix(stream) => {
+            let stream = UnixStream::from_std(stream)?;
             if let Err(e) = enlarge_send_buffer(&stream) {
                 debug!(error = %e, "could not enlarge the socket's send buffer");
             }
             let poll = busy_poll(&stream, &shared.limits);
             let (reader, writer) = stream.into_split();
-            serve_halves(reader, writer, poll, &shared, shutdown, tracker).await;
+            serve_halves(reader, writer, poll, shared, shutdown, tracker).await;
         }
     }
-    drop(slot);
-    info!("disconnected");
+    Ok(())
 }
 
 /// Polling is an optimisation: a socket that cannot be duplicated is
