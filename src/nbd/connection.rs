@@ -13,6 +13,7 @@
 //! reply is written. At either bound, the reader stops reading, and the
 //! client's writes back up in its socket.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -185,7 +186,6 @@ where
         unsent,
         _tracker: tracker,
     };
-    let mut inline = Inline::default();
 
     let end = loop {
         let incoming = tokio::select! {
@@ -219,7 +219,7 @@ where
                     },
                     permit,
                 };
-                match inline.run(&worker.session, &mut job) {
+                match INLINE.with_borrow_mut(|inline| inline.run(&worker.session, &mut job)) {
                     Some(result) => {
                         let _ = worker.replies.send(worker.finish(job, result));
                         if worker.unsent.load(Ordering::Relaxed) > UNSENT_MAX {
@@ -389,10 +389,10 @@ const INLINE_MAX: u32 = 256 * 1024;
 /// nothing to do with the write.
 const INLINE_STALL: Duration = Duration::from_millis(1);
 
-/// Slow inline writes and block status may hold the reactor for one part
-/// in `INLINE_STALL_SHARE` of the time (1%), and for `INLINE_STALL_MAX` at
-/// once; past that, the connection sends them to the blocking pool for
-/// `INLINE_PAUSE`.
+/// Slow inline writes and block status may hold a thread's reactor (all
+/// its connections together) for one part in `INLINE_STALL_SHARE` of the
+/// time (1%), and for `INLINE_STALL_MAX` at once; past that, the thread's
+/// connections send them to the blocking pool for `INLINE_PAUSE`.
 const INLINE_STALL_SHARE: u32 = 100;
 const INLINE_STALL_MAX: Duration = Duration::from_millis(20);
 const INLINE_PAUSE: Duration = Duration::from_secs(1);
@@ -409,6 +409,13 @@ struct Inline {
     stalled: Duration,
     last_run: Option<Instant>,
     paused_until: Option<Instant>,
+}
+
+thread_local! {
+    /// The accounting of the requests served on this thread's reactor,
+    /// shared by every connection there (one core's, see `cores`): a
+    /// request made to wait holds them all.
+    static INLINE: RefCell<Inline> = RefCell::default();
 }
 
 impl Inline {

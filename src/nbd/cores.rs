@@ -1,6 +1,7 @@
-//! One reactor per core: each connection lives on one thread, with a
-//! current-thread runtime of its own, its reader and its writer together;
-//! its large requests still go to that runtime's blocking pool.
+//! One reactor per core: one thread per CPU, each running a current-thread
+//! runtime, and each connection on one of them, its reader and its writer
+//! together. The requests a connection does not serve on its thread (see
+//! `connection`) go to that runtime's blocking pool.
 //!
 //! On tokio's work-stealing runtime a connection's tasks are woken on
 //! whichever worker is idle. Under fio's 1 MiB writes the reader sat on
@@ -26,6 +27,10 @@ use std::thread::JoinHandle;
 use tokio::runtime::{Builder, Handle};
 use tokio::sync::oneshot;
 
+/// Blocking-pool threads of all cores together: tokio's default for one
+/// runtime, shared out among the cores.
+const BLOCKING_THREADS: usize = 512;
+
 /// The server's connection threads.
 pub struct Cores {
     cores: Vec<Core>,
@@ -45,7 +50,10 @@ impl Cores {
     /// `taskset` gives it fewer).
     pub fn start() -> io::Result<Cores> {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let cores = (0..n).map(Core::start).collect::<io::Result<_>>()?;
+        let pool = (BLOCKING_THREADS / n).max(1);
+        let cores = (0..n)
+            .map(|index| Core::start(index, pool))
+            .collect::<io::Result<_>>()?;
         Ok(Cores { cores })
     }
 
@@ -76,10 +84,11 @@ impl Cores {
 }
 
 impl Core {
-    fn start(index: usize) -> io::Result<Core> {
+    fn start(index: usize, pool: usize) -> io::Result<Core> {
         let runtime = Builder::new_current_thread()
             .enable_all()
-            .thread_name(format!("nbd-core-{index}-io"))
+            .max_blocking_threads(pool)
+            .thread_name(format!("nbd-core-{index}-pool"))
             .build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -121,50 +130,54 @@ mod tests {
     use std::time::Duration;
 
     /// Connections spread over the cores by count, and a finished one
-    /// frees its place.
+    /// frees its place: once the last core's connections are done, the
+    /// next connection goes there, not round the cores in turn.
     #[tokio::test]
     async fn connections_go_to_the_core_with_the_fewest() {
         let cores = Cores::start().unwrap();
-        let (release, released) = tokio::sync::watch::channel(false);
+        let n = cores.cores.len();
         let (seen, mut threads) = tokio::sync::mpsc::unbounded_channel();
-        let spawn = || {
-            let (mut released, seen) = (released.clone(), seen.clone());
+        let spawn = |id: usize| {
+            let (release, released) = oneshot::channel::<()>();
+            let seen = seen.clone();
             cores.spawn(async move {
-                let _ = seen.send(std::thread::current().name().map(str::to_owned));
-                let _ = released.wait_for(|&r| r).await;
+                let _ = seen.send((id, std::thread::current().name().map(str::to_owned)));
+                let _ = released.await;
             });
+            release
         };
-        for _ in 0..2 * cores.cores.len() {
-            spawn();
+        let mut releases: Vec<_> = (0..2 * n).map(spawn).collect();
+        let mut on = vec![String::new(); 2 * n];
+        for _ in 0..2 * n {
+            let (id, name) = threads.recv().await.unwrap();
+            on[id] = name.unwrap();
         }
-        let mut names = Vec::new();
-        for _ in 0..2 * cores.cores.len() {
-            names.push(threads.recv().await.unwrap().unwrap());
+        for i in 0..n {
+            let here = on.iter().filter(|t| **t == format!("nbd-core-{i}")).count();
+            assert_eq!(here, 2, "{on:?}");
         }
-        for core in &cores.cores {
-            assert_eq!(core.connections.load(Ordering::Relaxed), 2);
+        let last = format!("nbd-core-{}", n - 1);
+        for (id, release) in releases.iter_mut().enumerate() {
+            if on[id] == last {
+                drop(std::mem::replace(release, oneshot::channel().0));
+            }
         }
-        for i in 0..cores.cores.len() {
-            let here = names
-                .iter()
-                .filter(|n| **n == format!("nbd-core-{i}"))
-                .count();
-            assert_eq!(here, 2, "{names:?}");
-        }
-        release.send(true).unwrap();
         for _ in 0..1000 {
-            if cores
-                .cores
-                .iter()
-                .all(|c| c.connections.load(Ordering::Relaxed) == 0)
-            {
+            if cores.cores[n - 1].connections.load(Ordering::Relaxed) == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        for core in &cores.cores {
-            assert_eq!(core.connections.load(Ordering::Relaxed), 0);
-        }
+        assert_eq!(cores.cores[n - 1].connections.load(Ordering::Relaxed), 0);
+        let next = spawn(2 * n);
+        let (_, name) = threads.recv().await.unwrap();
+        assert_eq!(
+            name.unwrap(),
+            last,
+            "the next connection goes to the idle core"
+        );
+        drop(releases);
+        drop(next);
         tokio::task::spawn_blocking(move || cores.stop())
             .await
             .unwrap();

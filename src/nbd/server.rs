@@ -53,6 +53,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Fails at once, before serving anything, if the exports or limits are not
 /// usable (no export, a duplicate or invalid name, a block size that is not
 /// a power of two of at least 512, limits that cannot hold one request).
+///
+/// Dropping the future instead of resolving `shutdown` ends the connection
+/// threads and drops their connections, without the final flush.
 pub async fn serve(
     exports: Vec<Export>,
     limits: Limits,
@@ -90,9 +93,8 @@ pub async fn serve(
     while accepting.join_next().await.is_some() {}
     // Returns once every connection and request task has dropped its sender.
     let _ = all_done.recv().await;
-    if let Some(cores) = Arc::into_inner(cores) {
-        let _ = tokio::task::spawn_blocking(move || cores.stop()).await;
-    }
+    let cores = Arc::into_inner(cores).expect("the accept loops, which share the cores, are done");
+    let _ = tokio::task::spawn_blocking(move || cores.stop()).await;
 
     let mut result = Ok(());
     for export in &shared.exports {
@@ -270,11 +272,14 @@ async fn serve_client(
     slot: OwnedSemaphorePermit,
 ) {
     info!("connected");
-    if let Err(e) = serve_stream(stream, &shared, shutdown, tracker).await {
+    if let Err(e) = serve_stream(stream, &shared, shutdown, tracker.clone()).await {
         warn!(error = %e, "could not serve the connection");
     }
     drop(slot);
     info!("disconnected");
+    // Held to the end: a connection's writer may still be sending replies
+    // after its requests are done, and the cores stop once this is gone.
+    drop(tracker);
 }
 
 /// Registers the stream with the reactor of the core it now runs on, and
