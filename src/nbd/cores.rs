@@ -146,7 +146,7 @@ mod tests {
             });
             release
         };
-        let mut releases: Vec<_> = (0..2 * n).map(spawn).collect();
+        let releases: Vec<_> = (0..2 * n).map(spawn).collect();
         let mut on = vec![String::new(); 2 * n];
         for _ in 0..2 * n {
             let (id, name) = threads.recv().await.unwrap();
@@ -157,11 +157,11 @@ mod tests {
             assert_eq!(here, 2, "{on:?}");
         }
         let last = format!("nbd-core-{}", n - 1);
-        for (id, release) in releases.iter_mut().enumerate() {
-            if on[id] == last {
-                drop(std::mem::replace(release, oneshot::channel().0));
-            }
-        }
+        let (freed, held): (Vec<_>, Vec<_>) = releases
+            .into_iter()
+            .enumerate()
+            .partition(|(id, _)| on[*id] == last);
+        drop(freed);
         for _ in 0..1000 {
             if cores.cores[n - 1].connections.load(Ordering::Relaxed) == 0 {
                 break;
@@ -176,7 +176,7 @@ mod tests {
             last,
             "the next connection goes to the idle core"
         );
-        drop(releases);
+        drop(held);
         drop(next);
         tokio::task::spawn_blocking(move || cores.stop())
             .await
