@@ -123,6 +123,13 @@ fn nbdcopy_in_and_out_and_qemu_img_compare() {
     let back = dir.join("back.img");
     run_ok(Command::new("nbdcopy").arg(&uri).arg(&back));
     assert_eq!(sha256_file(&source), sha256_file(&back));
+    // Into a pipe, nbdcopy sends one request at a time (a block status, a
+    // read), each the moment the last reply is in: the server waits for
+    // them on the CPU (`busy_poll`).
+    let piped = run(Command::new("nbdcopy").arg(&uri).arg("-"));
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(piped.status.success(), "nbdcopy to a pipe failed: {stderr}");
+    assert!(piped.stdout == data, "the pipe got the volume's data");
     assert!(
         volumes.disk.plaintext() == data,
         "the volume holds what was copied"

@@ -49,10 +49,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     reply_timeout: u64,
     /// Microseconds a client on a Unix socket is polled for the rest of a
-    /// write's payload before the server sleeps, like the kernel's busy
-    /// polling: on a virtual machine, waking a halted CPU costs more than
-    /// the wait. 0 never polls, for a host where an idle CPU must stay idle;
-    /// at most 1000. TCP clients are not polled.
+    /// write's payload, and for its next request when it has none in
+    /// flight, before the server sleeps, like the kernel's busy polling: on
+    /// a virtual machine, waking a halted CPU costs more than the wait. A
+    /// client that sends one request at a time keeps one CPU busy. 0 never
+    /// polls, for a host where an idle CPU must stay idle; at most 1000.
+    /// TCP clients are not polled.
     #[arg(
         long,
         default_value_t = nbd::busy_poll::DEFAULT_BUDGET.as_micros() as u64,

@@ -30,6 +30,34 @@
 //! share is spent. Past the budget the connection sleeps on the reactor as
 //! before: a client that stalls or vanishes mid-payload costs one budget,
 //! and one that trickles its payload costs its allowance.
+//!
+//! A client that sends one request at a time (nbdcopy to a pipe or
+//! `/dev/null`, fio at iodepth 1, a program reading a disk in order) pays
+//! for the wake-ups twice per request: it sleeps until its reply comes and
+//! then sends the next request at once, while the server has gone to sleep
+//! waiting for it. So the connection's writer, once its replies are out,
+//! polls for the next request's first byte if the client has nothing in
+//! flight; the reader then finds the request at once. Polling in the reader
+//! instead, after letting the writer go first, held up pipelined requests
+//! behind the replies (1 MiB reads at iodepth 8: 3.6k-4.5k IOPS against
+//! 4.7k-5.0k). Measured in alternating runs against the server without
+//! it, over a Unix socket:
+//! - nbdcopy of a 1 GiB volume to `/dev/null` (a block status and a 256 KiB
+//!   read at a time): 2.13-2.61 GB/s against 1.47-1.84; the requests came
+//!   10-25 µs after their replies.
+//! - 4 KiB random reads at iodepth 1: 41.5k IOPS against 18.3k-18.8k, p99
+//!   45 µs against 74-76, at the same server CPU per request (24 µs): the
+//!   server keeps one CPU busy while such a client runs.
+//! - Pipelined jobs (4 KiB at iodepth 32, 1 MiB at iodepth 8) and nbdcopy
+//!   into the volume: level, within the noise.
+//!
+//! This wait spins without yielding the CPU: an earlier version that
+//! yielded it, as the payload poll does, lost more than it saved when the
+//! server and the client ran on different CPUs (nbdcopy out 1.16-1.76 GB/s
+//! against 2.53-2.65 spinning), though its waits were as short. A client
+//! that takes longer than the budget twice in a row, or one that shares
+//! the server's CPU and cannot send while it spins, pauses the wait for
+//! `REQUEST_PAUSE` budgets: it costs two budgets now and then.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -42,6 +70,11 @@ use nix::sys::socket::{MsgFlags, recv};
 /// on the same machine to be scheduled and send its next piece.
 pub const DEFAULT_BUDGET: Duration = Duration::from_micros(50);
 
+/// After a wait for the next request that came to nothing, this many
+/// budgets pass before the connection waits for one again (10 ms by
+/// default).
+const REQUEST_PAUSE: u32 = 200;
+
 /// A connection's socket, read without the reactor.
 #[derive(Debug)]
 pub struct BusyPoll {
@@ -49,6 +82,10 @@ pub struct BusyPoll {
     /// as this does, whoever owns the stream.
     socket: OwnedFd,
     budget: Duration,
+    /// Whether the last wait for a request came to nothing.
+    missed: bool,
+    /// Until when [`BusyPoll::wait_for_request`] does not wait.
+    paused_until: Option<Instant>,
 }
 
 impl BusyPoll {
@@ -60,6 +97,8 @@ impl BusyPoll {
         Ok(Some(BusyPoll {
             socket: socket.as_fd().try_clone_to_owned()?,
             budget,
+            missed: false,
+            paused_until: None,
         }))
     }
 
@@ -93,6 +132,57 @@ impl BusyPoll {
             *allowance = allowance.saturating_sub(started.elapsed());
         }
         result
+    }
+
+    /// Another poller of the same socket, with a state of its own.
+    pub fn try_clone(&self) -> io::Result<BusyPoll> {
+        Ok(BusyPoll {
+            socket: self.socket.try_clone()?,
+            budget: self.budget,
+            missed: false,
+            paused_until: None,
+        })
+    }
+
+    /// Whether [`BusyPoll::wait_for_request`] would wait now.
+    fn waits_for_requests(&self) -> bool {
+        self.paused_until
+            .is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// Spins until the socket has a byte to read (or has ended), for up
+    /// to the budget, unless a wait that came to nothing paused this; the
+    /// bytes stay in the socket. True when there is something to read.
+    ///
+    /// Only for a connection whose client has nothing in flight: the
+    /// client sends next, or not at all.
+    pub fn wait_for_request(&mut self) -> bool {
+        if !self.waits_for_requests() {
+            return false;
+        }
+        let started = Instant::now();
+        let mut byte = [0u8; 1];
+        loop {
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK;
+            match recv(self.socket.as_raw_fd(), &mut byte, flags) {
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => {
+                    if started.elapsed() >= self.budget {
+                        // Twice in a row: not a client that sends at once.
+                        if self.missed {
+                            self.paused_until = Some(Instant::now() + self.budget * REQUEST_PAUSE);
+                        }
+                        self.missed = !self.missed;
+                        return false;
+                    }
+                }
+                // An error is the reader's to meet and report.
+                _ => {
+                    self.missed = false;
+                    return true;
+                }
+            }
+        }
     }
 
     /// How long one payload may be polled for in all: a budget per 64 KiB,
@@ -149,19 +239,61 @@ mod tests {
     fn bytes_sent_while_it_polls_are_read() {
         let (mut client, server) = UnixStream::pair().unwrap();
         // Far longer than the sender takes, however busy the machine.
-        let poll = BusyPoll::new(&server, Duration::from_secs(30))
+        let mut poll = BusyPoll::new(&server, Duration::from_secs(30))
             .unwrap()
             .unwrap();
+        let (go, next) = std::sync::mpsc::channel();
         let sender = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             client.write_all(b"late").unwrap();
+            next.recv().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            client.write_all(b"next").unwrap();
             client
         });
         let mut buf = [0u8; 8];
         let n = poll.recv(&mut buf, &mut Duration::from_secs(60)).unwrap();
         assert_eq!(&buf[..n], &b"late"[..n]);
         assert!(n > 0);
+        go.send(()).unwrap();
+        assert!(poll.wait_for_request(), "the request came within the wait");
+        assert!(poll.waits_for_requests());
         drop(sender.join().unwrap());
+    }
+
+    #[test]
+    fn waits_for_a_request_without_taking_it_and_pauses_after_two_misses() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let budget = Duration::from_millis(2);
+        let mut poll = BusyPoll::new(&server, budget).unwrap().unwrap();
+        let mut buf = [0u8; 16];
+        let mut allowance = Duration::from_secs(60);
+
+        client.write_all(b"request").unwrap();
+        assert!(poll.wait_for_request());
+        assert!(poll.wait_for_request(), "peeked, not taken");
+        assert_eq!(poll.recv(&mut buf, &mut allowance).unwrap(), 7);
+
+        let started = Instant::now();
+        assert!(!poll.wait_for_request());
+        assert!(started.elapsed() >= budget, "waited a budget");
+        assert!(poll.waits_for_requests(), "one miss does not pause");
+        client.write_all(b"1").unwrap();
+        assert!(poll.wait_for_request(), "a hit forgets the miss");
+        assert_eq!(poll.recv(&mut buf, &mut allowance).unwrap(), 1);
+
+        assert!(!poll.wait_for_request());
+        assert!(!poll.wait_for_request());
+        assert!(!poll.waits_for_requests(), "paused after two misses");
+        client.write_all(b"late").unwrap();
+        assert!(!poll.wait_for_request(), "no wait while paused");
+
+        std::thread::sleep(budget * REQUEST_PAUSE);
+        assert!(poll.waits_for_requests());
+        assert!(poll.wait_for_request());
+        drop(client);
+        assert_eq!(poll.recv(&mut buf, &mut allowance).unwrap(), 4);
+        assert!(poll.wait_for_request(), "the end of the stream is readable");
     }
 
     #[test]

@@ -17,8 +17,8 @@
 //!   on the blocking pool, all answered out of order by one writer, with
 //!   in-flight bytes bounded per connection; [`buffers`] keeps payload
 //!   buffers for reuse; [`request_reader`] reads requests off the stream,
-//!   and [`busy_poll`] lets it take a payload's pieces without sleeping
-//!   between them.
+//!   and [`busy_poll`] lets it take a payload's pieces, and a synchronous
+//!   client's next request, without sleeping.
 //! - [`server`]: accept loops on TCP and Unix sockets, the connection
 //!   limit, shutdown fan-out and the final flush; [`cores`] runs each
 //!   connection on one thread, one such thread per CPU.
@@ -168,8 +168,8 @@ pub struct Limits {
     /// hold in-flight bytes until their replies are out.
     pub reply_timeout: Duration,
     /// How long a connection on a Unix socket polls it for the rest of a
-    /// write's payload before it sleeps (see [`busy_poll`]); zero never
-    /// polls.
+    /// write's payload, or for the next request of a client with none in
+    /// flight, before it sleeps (see [`busy_poll`]); zero never polls.
     pub busy_poll: Duration,
 }
 

@@ -24,6 +24,11 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
         RequestReader { buffered, poll }
     }
 
+    /// The socket's poller, where it is polled.
+    pub fn busy_poll(&self) -> Option<&BusyPoll> {
+        self.poll.as_ref()
+    }
+
     /// Fills `buf` with a request header; `Ok(false)` if the client closed
     /// the connection before its first byte.
     pub async fn read_header(&mut self, buf: &mut [u8]) -> io::Result<bool> {
