@@ -70,9 +70,9 @@ use nix::sys::socket::{MsgFlags, recv};
 /// on the same machine to be scheduled and send its next piece.
 pub const DEFAULT_BUDGET: Duration = Duration::from_micros(50);
 
-/// After a wait for the next request that came to nothing, this many
-/// budgets pass before the connection waits for one again (10 ms by
-/// default).
+/// After two waits in a row for the next request that came to nothing,
+/// this many budgets pass before the connection waits for one again (10 ms
+/// by default).
 const REQUEST_PAUSE: u32 = 200;
 
 /// A connection's socket, read without the reactor.
@@ -151,8 +151,9 @@ impl BusyPoll {
     }
 
     /// Spins until the socket has a byte to read (or has ended), for up
-    /// to the budget, unless a wait that came to nothing paused this; the
-    /// bytes stay in the socket. True when there is something to read.
+    /// to the budget, unless two waits in a row that came to nothing paused
+    /// this; the bytes stay in the socket. True when there is something to
+    /// read; false when nothing came or the wait is paused.
     ///
     /// Only for a connection whose client has nothing in flight: the
     /// client sends next, or not at all.
