@@ -82,10 +82,6 @@ pub struct BusyPoll {
     /// as this does, whoever owns the stream.
     socket: OwnedFd,
     budget: Duration,
-    /// Whether the last wait for a request came to nothing.
-    missed: bool,
-    /// Until when [`BusyPoll::wait_for_request`] does not wait.
-    paused_until: Option<Instant>,
 }
 
 impl BusyPoll {
@@ -97,8 +93,6 @@ impl BusyPoll {
         Ok(Some(BusyPoll {
             socket: socket.as_fd().try_clone_to_owned()?,
             budget,
-            missed: false,
-            paused_until: None,
         }))
     }
 
@@ -134,18 +128,45 @@ impl BusyPoll {
         result
     }
 
-    /// Another poller of the same socket, with a state of its own.
+    /// Another poller of the same socket.
     pub fn try_clone(&self) -> io::Result<BusyPoll> {
         Ok(BusyPoll {
             socket: self.socket.try_clone()?,
             budget: self.budget,
-            missed: false,
-            paused_until: None,
         })
     }
 
-    /// Whether [`BusyPoll::wait_for_request`] would wait now.
-    fn waits_for_requests(&self) -> bool {
+    /// How long one payload may be polled for in all: a budget per 64 KiB,
+    /// several times what a client that sends at full speed needs. A client
+    /// that trickles its payload, a byte within each budget, gets no more,
+    /// and is then waited for on the reactor like any other.
+    pub fn allowance(&self, len: usize) -> Duration {
+        self.budget * u32::try_from(len.div_ceil(64 * 1024)).unwrap_or(u32::MAX)
+    }
+}
+
+/// The wait for the next request of a client with nothing in flight
+/// (see the module's doc), with its record of misses.
+#[derive(Debug)]
+pub struct RequestWait {
+    poll: BusyPoll,
+    /// Whether the last wait came to nothing.
+    missed: bool,
+    /// Until when [`RequestWait::wait`] does not wait.
+    paused_until: Option<Instant>,
+}
+
+impl RequestWait {
+    pub fn new(poll: BusyPoll) -> RequestWait {
+        RequestWait {
+            poll,
+            missed: false,
+            paused_until: None,
+        }
+    }
+
+    /// Whether [`RequestWait::wait`] would wait now.
+    fn waits(&self) -> bool {
         self.paused_until
             .is_none_or(|until| Instant::now() >= until)
     }
@@ -157,21 +178,22 @@ impl BusyPoll {
     ///
     /// Only for a connection whose client has nothing in flight: the
     /// client sends next, or not at all.
-    pub fn wait_for_request(&mut self) -> bool {
-        if !self.waits_for_requests() {
+    pub fn wait(&mut self) -> bool {
+        if !self.waits() {
             return false;
         }
+        let budget = self.poll.budget;
         let started = Instant::now();
         let mut byte = [0u8; 1];
         loop {
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK;
-            match recv(self.socket.as_raw_fd(), &mut byte, flags) {
+            match recv(self.poll.socket.as_raw_fd(), &mut byte, flags) {
                 Err(Errno::EINTR) => {}
                 Err(Errno::EAGAIN) => {
-                    if started.elapsed() >= self.budget {
+                    if started.elapsed() >= budget {
                         // Twice in a row: not a client that sends at once.
                         if self.missed {
-                            self.paused_until = Some(Instant::now() + self.budget * REQUEST_PAUSE);
+                            self.paused_until = Some(Instant::now() + budget * REQUEST_PAUSE);
                         }
                         self.missed = !self.missed;
                         return false;
@@ -184,14 +206,6 @@ impl BusyPoll {
                 }
             }
         }
-    }
-
-    /// How long one payload may be polled for in all: a budget per 64 KiB,
-    /// several times what a client that sends at full speed needs. A client
-    /// that trickles its payload, a byte within each budget, gets no more,
-    /// and is then waited for on the reactor like any other.
-    pub fn allowance(&self, len: usize) -> Duration {
-        self.budget * u32::try_from(len.div_ceil(64 * 1024)).unwrap_or(u32::MAX)
     }
 }
 
@@ -240,7 +254,7 @@ mod tests {
     fn bytes_sent_while_it_polls_are_read() {
         let (mut client, server) = UnixStream::pair().unwrap();
         // Far longer than the sender takes, however busy the machine.
-        let mut poll = BusyPoll::new(&server, Duration::from_secs(30))
+        let poll = BusyPoll::new(&server, Duration::from_secs(30))
             .unwrap()
             .unwrap();
         let (go, next) = std::sync::mpsc::channel();
@@ -257,8 +271,9 @@ mod tests {
         assert_eq!(&buf[..n], &b"late"[..n]);
         assert!(n > 0);
         go.send(()).unwrap();
-        assert!(poll.wait_for_request(), "the request came within the wait");
-        assert!(poll.waits_for_requests());
+        let mut wait = RequestWait::new(poll);
+        assert!(wait.wait(), "the request came within the wait");
+        assert!(wait.waits());
         drop(sender.join().unwrap());
     }
 
@@ -266,35 +281,36 @@ mod tests {
     fn waits_for_a_request_without_taking_it_and_pauses_after_two_misses() {
         let (mut client, server) = UnixStream::pair().unwrap();
         let budget = Duration::from_millis(2);
-        let mut poll = BusyPoll::new(&server, budget).unwrap().unwrap();
+        let poll = BusyPoll::new(&server, budget).unwrap().unwrap();
+        let mut wait = RequestWait::new(poll.try_clone().unwrap());
         let mut buf = [0u8; 16];
         let mut allowance = Duration::from_secs(60);
 
         client.write_all(b"request").unwrap();
-        assert!(poll.wait_for_request());
-        assert!(poll.wait_for_request(), "peeked, not taken");
+        assert!(wait.wait());
+        assert!(wait.wait(), "peeked, not taken");
         assert_eq!(poll.recv(&mut buf, &mut allowance).unwrap(), 7);
 
         let started = Instant::now();
-        assert!(!poll.wait_for_request());
+        assert!(!wait.wait());
         assert!(started.elapsed() >= budget, "waited a budget");
-        assert!(poll.waits_for_requests(), "one miss does not pause");
+        assert!(wait.waits(), "one miss does not pause");
         client.write_all(b"1").unwrap();
-        assert!(poll.wait_for_request(), "a hit forgets the miss");
+        assert!(wait.wait(), "a hit forgets the miss");
         assert_eq!(poll.recv(&mut buf, &mut allowance).unwrap(), 1);
 
-        assert!(!poll.wait_for_request());
-        assert!(!poll.wait_for_request());
-        assert!(!poll.waits_for_requests(), "paused after two misses");
+        assert!(!wait.wait());
+        assert!(!wait.wait());
+        assert!(!wait.waits(), "paused after two misses");
         client.write_all(b"late").unwrap();
-        assert!(!poll.wait_for_request(), "no wait while paused");
+        assert!(!wait.wait(), "no wait while paused");
 
         std::thread::sleep(budget * REQUEST_PAUSE);
-        assert!(poll.waits_for_requests());
-        assert!(poll.wait_for_request());
+        assert!(wait.waits());
+        assert!(wait.wait());
         drop(client);
         assert_eq!(poll.recv(&mut buf, &mut allowance).unwrap(), 4);
-        assert!(poll.wait_for_request(), "the end of the stream is readable");
+        assert!(wait.wait(), "the end of the stream is readable");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tokio::time::Sleep;
 use tracing::{debug, warn};
 
 use super::buffers::{BufferPool, PoolBudget};
-use super::busy_poll::BusyPoll;
+use super::busy_poll::RequestWait;
 use super::handshake::Session;
 use super::proto::ProtoError;
 use super::proto::transmission::{
@@ -178,7 +178,7 @@ where
             .inspect_err(|e| debug!(error = %e, "not polling for requests"))
             .ok()?;
         Some(NextRequest {
-            poll,
+            wait: RequestWait::new(poll),
             inflight: inflight.clone(),
             capacity: limits.max_inflight_bytes_per_connection,
         })
@@ -612,7 +612,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 /// connections on this core wait, for up to a budget, as they do for an
 /// inline request.
 struct NextRequest {
-    poll: BusyPoll,
+    wait: RequestWait,
     inflight: Arc<Semaphore>,
     capacity: usize,
 }
@@ -622,7 +622,7 @@ impl NextRequest {
         // Every permit back: no request is running or waiting for the
         // writer, nor has the reader begun one.
         if self.inflight.available_permits() == self.capacity {
-            self.poll.wait_for_request();
+            self.wait.wait();
         }
     }
 }
