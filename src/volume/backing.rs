@@ -18,6 +18,8 @@ use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
 use nix::sys::stat::{major, minor};
 use nix::unistd::{Whence, lseek64};
 
+use crate::volume::reserved::Reserved;
+
 mod ioctl {
     // <linux/fs.h>: BLKGETSIZE64 = _IOR(0x12, 114, size_t); BLKDISCARD =
     // _IO(0x12, 119) and BLKZEROOUT = _IO(0x12, 127), both taking a
@@ -26,6 +28,11 @@ mod ioctl {
     nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
     nix::ioctl_write_ptr_bad!(blk_zero_out, nix::request_code_none!(0x12, 127), [u64; 2]);
 }
+
+/// Writes smaller than this are left to the file system, which reserves a
+/// few blocks faster than `fallocate` does, and do not grow a sparse file
+/// by a whole chunk: a file system's metadata, 4 KiB random writes.
+const RESERVE_MIN: u64 = 64 * 1024;
 
 /// A sync refused because an earlier one failed; see `Backing::sync_failed`.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +76,11 @@ pub struct Backing {
     /// Whether discards may reach the storage below; cleared the first time
     /// a device refuses one.
     discards: AtomicBool,
+    /// Whether the file system reserves blocks for `prepare_write`; cleared
+    /// when it refuses (`fallocate` is Linux's, and not every file system
+    /// has it). Never set for a device, whose blocks all exist.
+    reserves: AtomicBool,
+    reserved: Reserved,
 }
 
 /// Whether a device zeroes ranges by itself, from its queue limits in
@@ -95,10 +107,11 @@ fn device_zeroes_itself(file: &File) -> bool {
 
 impl Backing {
     pub fn new(file: File) -> io::Result<Self> {
-        let (kind, zeroes_itself) = if file.metadata()?.file_type().is_block_device() {
-            (BackingKind::BlockDevice, device_zeroes_itself(&file))
+        let meta = file.metadata()?;
+        let (kind, zeroes_itself, len) = if meta.file_type().is_block_device() {
+            (BackingKind::BlockDevice, device_zeroes_itself(&file), 0)
         } else {
-            (BackingKind::File, true)
+            (BackingKind::File, true, meta.len())
         };
         Ok(Self {
             file,
@@ -106,6 +119,8 @@ impl Backing {
             sync_failed: AtomicBool::new(false),
             zeroes_itself: AtomicBool::new(zeroes_itself),
             discards: AtomicBool::new(true),
+            reserves: AtomicBool::new(kind == BackingKind::File),
+            reserved: Reserved::new(len),
         })
     }
 
@@ -179,6 +194,45 @@ impl Backing {
         // Short: part of it is not cached (or past the end, which the
         // blocking read reports).
         Ok(n as usize == buf.len())
+    }
+
+    /// Readies the file for a large write: the write's chunks (see
+    /// `reserved`) get their blocks now, with one `fallocate`, the first
+    /// time a write of at least `RESERVE_MIN` touches them since the volume
+    /// was opened. Blocks so reserved and not yet written read as zeros (an
+    /// unwritten extent) and count as a hole to SEEK_DATA, as before.
+    ///
+    /// Otherwise ext4 reserves a hole's blocks one by one inside the write,
+    /// with the inode lock held, while other writers spin on that lock: a
+    /// quarter of the server's CPU as nbdcopy filled a sparse 1 GiB volume
+    /// (perf: `ext4_da_get_block_prep`, the extent status tree, quota,
+    /// `rwsem_spin_on_owner`). One thread, 256 KiB at a time: a `pwrite`
+    /// into a hole took 62 µs, `fallocate` and `pwrite` together 33 µs,
+    /// `fallocate` of blocks already there 1.7 µs.
+    ///
+    /// No error here: one that matters (no space, a failed disk) is met
+    /// again, and reported, by the write that follows.
+    pub fn prepare_write(&self, offset: u64, len: u64) {
+        if len < RESERVE_MIN || !self.reserves.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(range) = self.reserved.wanted(offset, len) else {
+            return;
+        };
+        let (Ok(start), Ok(end)) = (to_off(range.start), to_off(range.end)) else {
+            return;
+        };
+        // Not FALLOC_FL_KEEP_SIZE, though the range is inside the file: with
+        // it ext4 left 256 KiB reservations made in order in 67 extents per
+        // GiB, against 9 without.
+        match fallocate(&self.file, FallocateFlags::empty(), start, end - start) {
+            Ok(()) => self.reserved.mark(offset, len),
+            Err(Errno::EOPNOTSUPP) => {
+                tracing::debug!("the file system reserves no blocks ahead of a write");
+                self.reserves.store(false, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(error = %e, "reserving the blocks of a write failed"),
+        }
     }
 
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -360,6 +414,7 @@ fn to_off(v: u64) -> io::Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::volume::reserved::CHUNK;
 
     #[test]
     fn holes_and_data_of_a_sparse_file() {
@@ -377,5 +432,36 @@ mod tests {
         b.read_exact_at(&mut buf, 1 << 20).unwrap();
         assert_eq!(buf, [0u8; 16]);
         assert!(b.allocation(0, 4 << 20).unwrap().iter().all(|r| r.hole));
+    }
+
+    /// Bytes the file system has given the file.
+    fn allocated(b: &Backing) -> u64 {
+        b.file().metadata().unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn large_writes_reserve_their_chunks_once() {
+        let len = 3 * CHUNK + 8192;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(len).unwrap();
+        let b = Backing::new(f).unwrap();
+        // Too small to reserve anything.
+        b.prepare_write(CHUNK, RESERVE_MIN - 4096);
+        assert_eq!(allocated(&b), 0);
+        // The write's chunk, whole, and still a hole to SEEK_DATA.
+        b.prepare_write(CHUNK + 4096, RESERVE_MIN);
+        assert_eq!(allocated(&b), CHUNK);
+        assert!(b.allocation(0, len).unwrap().iter().all(|r| r.hole));
+        let mut buf = [1u8; 4096];
+        b.read_exact_at(&mut buf, CHUNK).unwrap();
+        assert_eq!(buf, [0u8; 4096]);
+        // A hole punched into a reserved chunk stays a hole.
+        assert!(b.zero_range(CHUNK, 65536).unwrap());
+        b.prepare_write(CHUNK, RESERVE_MIN);
+        assert_eq!(allocated(&b), CHUNK - 65536);
+        // The last chunk stops at the end of the file.
+        b.prepare_write(len - RESERVE_MIN, RESERVE_MIN);
+        assert_eq!(allocated(&b), 2 * CHUNK - 65536 + 8192);
+        assert_eq!(b.len().unwrap(), len);
     }
 }

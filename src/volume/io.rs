@@ -250,6 +250,8 @@ impl Volume {
     /// time. On an error some pieces may be written and `data` is partly
     /// ciphertext: the write failed, and its range holds old or new sectors.
     fn write_sectors(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        self.backing
+            .prepare_write(self.data_offset + offset, data.len() as u64);
         let mut at = offset;
         for piece in data.chunks_mut(WRITE_PIECE) {
             self.cipher.encrypt(at / self.sector_size, piece);

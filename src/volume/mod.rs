@@ -19,6 +19,7 @@ mod io;
 mod lifecycle;
 mod locks;
 pub mod luks2;
+mod reserved;
 mod transfer;
 
 #[cfg(test)]
