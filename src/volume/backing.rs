@@ -18,6 +18,7 @@ use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
 use nix::sys::stat::{major, minor};
 use nix::unistd::{Whence, lseek64};
 
+use crate::volume::known_data::KnownData;
 use crate::volume::reserved::Reserved;
 
 mod ioctl {
@@ -81,6 +82,7 @@ pub struct Backing {
     /// has it). Never set for a device, whose blocks all exist.
     reserves: AtomicBool,
     reserved: Reserved,
+    known_data: KnownData,
 }
 
 /// Whether a device zeroes ranges by itself, from its queue limits in
@@ -121,6 +123,7 @@ impl Backing {
             discards: AtomicBool::new(true),
             reserves: AtomicBool::new(kind == BackingKind::File),
             reserved: Reserved::new(len),
+            known_data: KnownData::default(),
         })
     }
 
@@ -287,12 +290,14 @@ impl Backing {
             return Ok(true);
         }
         if self.zeroes_itself() {
-            match fallocate(
+            let punched = fallocate(
                 &self.file,
                 FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                 to_off(offset)?,
                 to_off(len)?,
-            ) {
+            );
+            self.known_data.punched();
+            match punched {
                 Ok(()) => return Ok(true),
                 Err(Errno::EOPNOTSUPP) => {
                     tracing::warn!(
@@ -362,6 +367,15 @@ impl Backing {
         let mut runs = Vec::new();
         let mut pos = offset;
         while pos < end {
+            if let Some(data_end) = self.known_data.end_of_data(pos) {
+                let length = data_end.min(end) - pos;
+                runs.push(Allocation {
+                    length,
+                    hole: false,
+                });
+                pos += length;
+                continue;
+            }
             let data = match lseek64(&self.file, to_off(pos)?, Whence::SeekData) {
                 Ok(d) => d as u64,
                 // ENXIO: no data at or after pos, the rest is a hole.
@@ -374,7 +388,9 @@ impl Backing {
                 pos += length;
                 continue;
             }
+            let punches = self.known_data.before_seek();
             let hole = lseek64(&self.file, to_off(pos)?, Whence::SeekHole)? as u64;
+            self.known_data.found(punches, pos..hole);
             let length = hole.min(end) - pos;
             runs.push(Allocation {
                 length,

@@ -16,6 +16,7 @@ mod backing;
 mod error;
 mod hook;
 mod io;
+mod known_data;
 mod lifecycle;
 mod locks;
 pub mod luks2;
