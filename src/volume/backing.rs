@@ -203,7 +203,8 @@ impl Backing {
     /// `reserved`) get their blocks now, with one `fallocate`, the first
     /// time a write of at least `RESERVE_MIN` touches them since the volume
     /// was opened. Blocks so reserved and not yet written read as zeros (an
-    /// unwritten extent) and count as a hole to SEEK_DATA, as before.
+    /// unwritten extent), and SEEK_DATA counts them as a hole until they are
+    /// written or read.
     ///
     /// Otherwise ext4 reserves a hole's blocks one by one inside the write,
     /// with the inode lock held, while other writers spin on that lock: a
@@ -354,8 +355,9 @@ impl Backing {
     }
 
     /// Allocation runs covering `[offset, offset + len)` (at least its start).
-    /// Files answer with SEEK_DATA/SEEK_HOLE; a device, or a file system
-    /// without hole reporting, is all data.
+    /// Files answer with SEEK_DATA/SEEK_HOLE, and the run of data the last
+    /// SEEK_HOLE found is remembered (see `known_data`); a device, or a file
+    /// system without hole reporting, is all data.
     pub fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Allocation>> {
         let end = offset.saturating_add(len);
         if self.kind == BackingKind::BlockDevice {
