@@ -6,7 +6,9 @@
 //! - `lifecycle`: create and unlock, the envelope around the volume key.
 //! - `io`: plaintext reads and writes at any offset, zeroing, discard.
 //! - `transfer`: import and export of raw images.
-//! - `backing`: the file or block device underneath.
+//! - `backing`: the file or block device underneath; `reserved` (which of a
+//!   file's chunks a large write has reserved) and `known_data` (the run of
+//!   data block status found last) are its memory of the file.
 //! - `hook`: the copy-on-write hook a live snapshot installs.
 //!
 //! Knows nothing about NBD: the server adapts a [`Volume`] to its backend
