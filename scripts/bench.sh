@@ -55,9 +55,15 @@ if [[ $WHAT != cipher ]]; then
         echo "bench: $PEERS not found (set PEERS=path/to/peers.sh)" >&2
         exit 1
     }
-    for tool in fio nbdkit nbdcopy nbdinfo jq taskset; do
+    # What the peers script asks for, whichever servers it runs, with the
+    # Debian package that brings each.
+    declare -A NEEDS=(
+        [fio]=fio [nbdkit]=nbdkit [nbdcopy]=libnbd-bin [nbdinfo]=libnbd-bin
+        [nbd-server]=nbd-server [qemu-nbd]=qemu-utils [jq]=jq [taskset]=util-linux
+    )
+    for tool in "${!NEEDS[@]}"; do
         command -v "$tool" >/dev/null || {
-            echo "bench: $tool not found" >&2
+            echo "bench: $tool not found (apt-get install ${NEEDS[$tool]})" >&2
             exit 1
         }
     done
