@@ -4,4 +4,4 @@
 mod tweak;
 mod xts;
 
-pub use xts::{CipherError, SectorCipher};
+pub use xts::{AesEngine, CipherError, SectorCipher};

@@ -37,7 +37,7 @@ fn times_alpha_lanes(t: u128) -> u128 {
 /// `63 - j` of a value pre-shifted by one stand for shifts by `64 - j`, which
 /// would overflow at `j = 0`.
 #[inline(always)]
-fn expand(t: u128, out: &mut [Block; LANES]) {
+pub(super) fn expand(t: u128, out: &mut [Block; LANES]) {
     let (lo, hi) = (t as u64, (t >> 64) as u64);
     let mut lanes_lo = [0u64; LANES];
     let mut lanes_hi = [0u64; LANES];

@@ -69,6 +69,7 @@ impl Volume {
         // The round keys are the key: locked like it, where they stay.
         let cipher = Box::new(cipher);
         crate::secret::lock_value(&*cipher);
+        tracing::debug!(engine = ?cipher.engine(), "sector cipher");
         Self {
             path,
             sector_size: u64::from(header.sector_size()),

@@ -145,6 +145,18 @@ fn cipher(key: &[u8], sector_size: usize) -> SectorCipher {
     SectorCipher::new(&SecretBytes::copy_from(key), sector_size).unwrap()
 }
 
+/// The cipher on every engine this CPU has, so that each is checked
+/// whichever `new` would pick.
+fn ciphers(key: &[u8], sector_size: usize) -> Vec<SectorCipher> {
+    [AesEngine::Crate, AesEngine::Vaes256]
+        .into_iter()
+        .filter(|engine| engine.available())
+        .map(|engine| {
+            SectorCipher::with_engine(&SecretBytes::copy_from(key), sector_size, engine).unwrap()
+        })
+        .collect()
+}
+
 fn oracle(key: &[u8]) -> Xts128<Aes256> {
     Xts128::new(
         Aes256::new_from_slice(&key[..32]).unwrap(),
@@ -169,14 +181,25 @@ fn oracle_apply(key: &[u8], sector_size: usize, first: u64, data: &mut [u8], enc
 #[test]
 fn ieee_1619_vectors() {
     let key = hex::decode(IEEE_KEY).unwrap();
-    let cipher = cipher(&key, 512);
-    for vector in VECTORS {
-        let ciphertext = hex::decode(vector.ciphertext).unwrap();
-        let mut data = ieee_plaintext();
-        cipher.encrypt(vector.data_unit, &mut data);
-        assert_eq!(data, ciphertext, "vector {} encrypt", vector.number);
-        cipher.decrypt(vector.data_unit, &mut data);
-        assert_eq!(data, ieee_plaintext(), "vector {} decrypt", vector.number);
+    for cipher in ciphers(&key, 512) {
+        let engine = cipher.engine();
+        for vector in VECTORS {
+            let ciphertext = hex::decode(vector.ciphertext).unwrap();
+            let mut data = ieee_plaintext();
+            cipher.encrypt(vector.data_unit, &mut data);
+            assert_eq!(
+                data, ciphertext,
+                "vector {} encrypt, {engine:?}",
+                vector.number
+            );
+            cipher.decrypt(vector.data_unit, &mut data);
+            assert_eq!(
+                data,
+                ieee_plaintext(),
+                "vector {} decrypt, {engine:?}",
+                vector.number
+            );
+        }
     }
 }
 
@@ -215,30 +238,35 @@ fn sectors() -> impl Strategy<Value = (usize, Vec<u8>)> {
 proptest! {
     #[test]
     fn encrypt_agrees_with_xts_mode(key in xts_key(), (size, plain) in sectors(), first in sector_number()) {
-        let mut ours = plain.clone();
-        cipher(&key, size).encrypt(first, &mut ours);
         let mut theirs = plain.clone();
         oracle_apply(&key, size, first, &mut theirs, true);
-        prop_assert_eq!(ours, theirs);
+        for cipher in ciphers(&key, size) {
+            let mut ours = plain.clone();
+            cipher.encrypt(first, &mut ours);
+            prop_assert_eq!(&ours, &theirs, "{:?}", cipher.engine());
+        }
     }
 
     #[test]
     fn decrypt_agrees_with_xts_mode(key in xts_key(), (size, sealed) in sectors(), first in sector_number()) {
-        let mut ours = sealed.clone();
-        cipher(&key, size).decrypt(first, &mut ours);
         let mut theirs = sealed.clone();
         oracle_apply(&key, size, first, &mut theirs, false);
-        prop_assert_eq!(ours, theirs);
+        for cipher in ciphers(&key, size) {
+            let mut ours = sealed.clone();
+            cipher.decrypt(first, &mut ours);
+            prop_assert_eq!(&ours, &theirs, "{:?}", cipher.engine());
+        }
     }
 
     #[test]
     fn decrypt_inverts_encrypt(key in xts_key(), (size, plain) in sectors(), first in sector_number()) {
-        let cipher = cipher(&key, size);
-        let mut data = plain.clone();
-        cipher.encrypt(first, &mut data);
-        prop_assert_ne!(&data, &plain);
-        cipher.decrypt(first, &mut data);
-        prop_assert_eq!(data, plain);
+        for cipher in ciphers(&key, size) {
+            let mut data = plain.clone();
+            cipher.encrypt(first, &mut data);
+            prop_assert_ne!(&data, &plain);
+            cipher.decrypt(first, &mut data);
+            prop_assert_eq!(&data, &plain);
+        }
     }
 }
 
@@ -248,16 +276,23 @@ fn many_batches_of_large_sectors_across_the_wrap() {
     let sectors = SECTORS_PER_BATCH * 2 + 3;
     let plain: Vec<u8> = (0..4096 * sectors).map(|i| (i * 7 % 251) as u8).collect();
     let first = u64::MAX - 100;
-    let cipher = cipher(&key, 4096);
-
-    let mut ours = plain.clone();
-    cipher.encrypt(first, &mut ours);
     let mut theirs = plain.clone();
     oracle_apply(&key, 4096, first, &mut theirs, true);
-    assert!(ours == theirs, "encryption differs from xts-mode");
 
-    cipher.decrypt(first, &mut ours);
-    assert!(ours == plain, "decryption does not invert encryption");
+    for cipher in ciphers(&key, 4096) {
+        let engine = cipher.engine();
+        let mut ours = plain.clone();
+        cipher.encrypt(first, &mut ours);
+        assert!(
+            ours == theirs,
+            "encryption differs from xts-mode, {engine:?}"
+        );
+        cipher.decrypt(first, &mut ours);
+        assert!(
+            ours == plain,
+            "decryption does not invert encryption, {engine:?}"
+        );
+    }
 }
 
 /// A stand-in AES backend with a batch size of `N` blocks, so that the
@@ -321,11 +356,17 @@ impl<N: ArraySize> BlockCipherDecBackend for Batching<'_, N> {
 /// real backend; returns the blocks it saw in full batches and in tails.
 fn through_batching<N: ArraySize>(size: usize, count: usize) -> (usize, usize) {
     let key: Vec<u8> = (100..164u8).collect();
-    let cipher = cipher(&key, size);
+    let cipher =
+        SectorCipher::with_engine(&SecretBytes::copy_from(&key), size, AesEngine::Crate).unwrap();
     let plain: Vec<u8> = (0..size * count).map(|i| (i % 253) as u8).collect();
     let first = u64::MAX - 2;
 
-    let backend = Batching::<N>::new(&cipher.data);
+    // Irrefutable where the VAES-256 engine is compiled out.
+    #[allow(irrefutable_let_patterns)]
+    let DataCipher::Crate(aes) = &cipher.data else {
+        unreachable!("made on the crate's engine")
+    };
+    let backend = Batching::<N>::new(aes);
     let mut ours = plain.clone();
     cipher.for_each_batch(first, &mut ours, |pass| {
         BlockCipherEncClosure::call(pass, &backend)
@@ -444,6 +485,21 @@ fn debug_shows_no_key() {
     ] {
         assert!(!shown.contains(&needle), "{shown} contains {needle}");
     }
+}
+
+#[test]
+fn engines_are_refused_where_the_cpu_lacks_them() {
+    let key = SecretBytes::copy_from(&(0..64u8).collect::<Vec<_>>());
+    for engine in [AesEngine::Crate, AesEngine::Vaes256] {
+        match SectorCipher::with_engine(&key, 512, engine) {
+            Ok(cipher) => assert!(engine.available() && cipher.engine() == engine),
+            Err(CipherError::EngineUnavailable { engine: refused }) => {
+                assert!(!engine.available() && refused == engine)
+            }
+            Err(e) => panic!("{engine:?}: {e}"),
+        }
+    }
+    assert!(AesEngine::fastest().available());
 }
 
 #[test]
