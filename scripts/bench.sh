@@ -8,9 +8,10 @@
 # from two (benches/volume.rs), for how it scales with cores.
 #
 # End to end: `nbdcrypt serve` (release build, a fresh 1 GiB volume on the
-# embedded local KMS) in the same runs of the shared peer benchmark
-# (../shared/bench/peers.sh, next to this repository) as nbdkit's file plugin
-# (no encryption), nbdkit's luks filter and qemu-nbd with LUKS: fio's nbd
+# embedded local KMS) through the shared peer benchmark
+# (../shared/bench/peers.sh, next to this repository), in the same rounds as
+# nbdkit's file plugin (no encryption), nbdkit's luks filter and qemu-nbd
+# with LUKS, one server after the other: fio's nbd
 # engine over a Unix socket, 4k random reads and writes at iodepth 32, 1M
 # sequential reads and writes at iodepth 8, one connection each; nbdcopy of
 # 1 GiB both ways. Beside that, in each round: nbdcrypt held to one CPU with
@@ -138,15 +139,21 @@ sys.exit(code)
 EOF
 export NBDCRYPT_RSS_WRAPPER=$RESULTS/rss.py
 
-# peers.sh with nbdcrypt as its extra server: $1 results dir, $2 server name,
-# $3 CPU list for taskset (empty: all), $4 peer servers.
+# peers.sh for one server, a peer or nbdcrypt (its extra server): $1 results
+# dir, $2 server name, $3 CPU list for taskset (empty: all), $4 the peer
+# (empty: nbdcrypt). One server a call, with the prefill's source read into
+# the page cache just before: this VM pages out file data left idle for a
+# minute, so within one call the copy into a server that came after another's
+# fio suite read its source from the disk, and measured the disk.
 run_peers() {
-    local cpus=() log=$1.log
+    local cpus=() log=$1.log extra=$SERVER_CMD
     [[ -n $3 ]] && cpus=(taskset -c "$3")
+    [[ -n $4 ]] && extra=
     mkdir -p "$1"
-    echo "  peers.sh: ${4:-(no peers)} + $2" >&2
+    echo "  peers.sh: ${4:-$2}" >&2
+    [[ -f $BENCH_DIR/work/src.bin ]] && cat "$BENCH_DIR/work/src.bin" >/dev/null
     RES=$1 BASE=$BENCH_DIR SERVERS=$4 RUNTIME=$RUNTIME TLS_PROBE=0 \
-        EXTRA_NAME=$2 EXTRA_SERVER_CMD=$SERVER_CMD EXTRA_BACKING=$BENCH_DIR/work/nbdcrypt.vol \
+        EXTRA_NAME=$2 EXTRA_SERVER_CMD=$extra EXTRA_BACKING=$BENCH_DIR/work/nbdcrypt.vol \
         NBDCRYPT_TASKSET="${cpus[*]}" NBDCRYPT_RSS_FILE=$1/$2.maxrss \
         bash "$PEERS" >"$log" 2>&1 || {
         tail -5 "$log" >&2
@@ -189,7 +196,11 @@ qd1_round() {
 e2e_round() {
     local round=$1 dir=$RESULTS/e2e.$1
     echo "end to end: round $round of $ROUNDS" >&2
-    run_peers "$dir/peers" nbdcrypt "" "$PEER_SERVERS"
+    local peer
+    for peer in $PEER_SERVERS; do
+        run_peers "$dir/peers/$peer" "$peer" "" "$peer"
+    done
+    run_peers "$dir/peers/nbdcrypt" nbdcrypt "" ""
     run_peers "$dir/one-cpu" nbdcrypt-1cpu 0 ""
     echo "  4k random reads at iodepth 1" >&2
     qd1_round "$dir/qd1"
@@ -262,17 +273,17 @@ JOBS = [("randread", "4k randread qd32", "IOPS"), ("randwrite", "4k randwrite qd
         ("read", "1M read qd8", "MB/s"), ("write", "1M write qd8", "MB/s")]
 COPIES = [("file-to-export", "nbdcopy 1 GiB in"), ("export-to-devnull", "nbdcopy 1 GiB out")]
 
-def fio(path):
-    """{(server, job): row} from a peers.sh results.tsv."""
+def fio(pattern):
+    """{(server, job): row} from the peers.sh results.tsv files that match."""
     out = {}
-    if os.path.exists(path):
+    for path in glob.glob(pattern):
         for row in csv.DictReader(open(path), delimiter="\t"):
             out[(row["server"], row["job"])] = row
     return out
 
-def copies(path):
+def copies(pattern):
     out = {}
-    if os.path.exists(path):
+    for path in glob.glob(pattern):
         for row in csv.reader(open(path), delimiter="\t"):
             if len(row) >= 4 and row[3] not in ("", "-", "MBps"):
                 out[(row[0], row[1])] = float(row[3])
@@ -299,8 +310,8 @@ def ratio(a, b):
 per_round = []
 for r in rounds:
     per_round.append({
-        "fio": fio(os.path.join(r, "peers", "results.tsv")),
-        "copy": copies(os.path.join(r, "peers", "nbdcopy.tsv")),
+        "fio": fio(os.path.join(r, "peers", "*", "results.tsv")),
+        "copy": copies(os.path.join(r, "peers", "*", "nbdcopy.tsv")),
         "fio1": fio(os.path.join(r, "one-cpu", "results.tsv")),
         "copy1": copies(os.path.join(r, "one-cpu", "nbdcopy.tsv")),
         "dir": r,
@@ -349,7 +360,7 @@ for direction, label in COPIES:
 
 rss = []
 for d in per_round:
-    for path in glob.glob(os.path.join(d["dir"], "*", "*.maxrss")):
+    for path in glob.glob(os.path.join(d["dir"], "**", "*.maxrss"), recursive=True):
         rss += [int(x) / 1024 for x in open(path).read().split()]
 print(f"\nnbdcrypt peak RSS (whole life of each server: prefill, fio suite, nbdcopy), MiB: {summary(rss, '{:.1f}')}")
 
