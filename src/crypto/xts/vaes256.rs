@@ -16,7 +16,6 @@
 //! brought it to 10.8 GiB/s. `SectorCipher::new` times both engines on the
 //! CPU at hand and keeps the faster.
 
-#[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
 use aes::Block;
