@@ -4,7 +4,8 @@
 # Sector cipher: the criterion bench (benches/xts.rs: our AES-XTS both ways at
 # 4096- and 512-byte sectors, raw AES-256-ECB through the same `aes` crate,
 # the xts-mode crate) beside `openssl speed -evp aes-256-xts` at the same
-# sizes; and the volume's data path without the network from one thread and
+# sizes, and the time of a call for one 4096-byte sector, as a 4k request
+# makes it; and the volume's data path without the network from one thread and
 # from two (benches/volume.rs), for how it scales with cores.
 #
 # End to end: `nbdcrypt serve` (release build, a fresh 1 GiB volume on the
@@ -85,6 +86,9 @@ crypto_round() {
     fi
     for dir in "$TARGET"/criterion/xts/*/new; do
         cp "$dir/estimates.json" "$RESULTS/$(basename "$(dirname "$dir")").$round.criterion"
+    done
+    for dir in "$TARGET"/criterion/xts-request/*/new; do
+        cp "$dir/estimates.json" "$RESULTS/request_$(basename "$(dirname "$dir")").$round.criterion"
     done
     # The data path from one thread and from two, on all CPUs and then held
     # to one with taskset.
@@ -251,6 +255,14 @@ for direction in ("encrypt", "decrypt"):
         print(f"{'openssl ' + direction + ' ' + str(size):28} {openssl:7.2f} {'':>10} {openssl / ecb:10.2f}")
     print(f"{'raw AES-256-ECB ' + direction:28} {ecb:7.2f}")
 print(f"{'xts-mode encrypt 4096':28} {best('xts-mode_encrypt_4096'):7.2f}")
+# A call for one sector pays what a 1 MiB buffer spreads out; `best` is
+# MiB per ns, so the fastest call's ns is its inverse times a MiB, and
+# `openssl speed -bytes 4096` times such calls too.
+print("One 4096-byte sector per call, as a 4k request makes it (best of the rounds):")
+for direction in ("encrypt", "decrypt"):
+    ns = MIB / best(f"request_{direction}_4096")
+    openssl = 4096 / best(f"openssl_{direction}_4096")
+    print(f"  {direction} {ns:.0f} ns, openssl {openssl:.0f} ns: x {openssl / ns:.2f} openssl")
 
 print("\nData path without the network (benches/volume.rs): 1 MiB reads and writes through the")
 print("volume, page cache and cipher, from 1 thread and from 2 at once, on all CPUs and held to")

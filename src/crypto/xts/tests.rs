@@ -415,6 +415,79 @@ fn every_backend_batch_size() {
     check_batch_size::<U4>();
 }
 
+/// Bytes of stack [`the_stack_wipe_covers_every_pass`] paints and reads.
+const PAINTED: usize = 64 * 1024;
+const PAINT: u8 = 0xa5;
+
+/// Fills `PAINTED` bytes below the caller's frame with `PAINT`: the frames
+/// of whatever the caller calls next land there.
+#[inline(never)]
+fn paint_stack() {
+    let mut frame = std::mem::MaybeUninit::<[u8; PAINTED]>::uninit();
+    // SAFETY: writes PAINTED bytes into the PAINTED-byte buffer.
+    unsafe { frame.as_mut_ptr().write_bytes(PAINT, 1) };
+    std::hint::black_box(&frame);
+}
+
+/// Every byte a pass leaves on the stack is wiped: after painting the stack
+/// and running a pass, the painted region holds paint (untouched) or zeros
+/// (wiped), nothing else. Read through `/proc/self/mem`, which Rust sees as
+/// I/O, not as a read of dead memory. Fails if an engine's wipe is dropped
+/// or made shallower than its pass (set `vaes256::PASS_STACK` to 4 KiB), in
+/// the build it runs in.
+#[test]
+fn the_stack_wipe_covers_every_pass() {
+    use std::os::unix::fs::FileExt;
+    // The top of the region holds this function's frame and, while it
+    // reads, those of the read; every wipe covers it.
+    const UNCHECKED: usize = 4 * 1024;
+    const RESIDUE: usize = 64;
+    let mem = std::fs::File::open("/proc/self/mem").unwrap();
+    let mut seen = vec![0u8; PAINTED];
+    let key: Vec<u8> = (0..64u8).collect();
+    for sector_size in [512, 4096] {
+        for cipher in ciphers(&key, sector_size) {
+            for encrypt in [true, false] {
+                let engine = cipher.engine();
+                // More than one batch of sectors.
+                let mut data = vec![0x33; sector_size * (SECTORS_PER_BATCH + 3)];
+                let here = 0u8;
+                let top = std::hint::black_box(&here) as *const u8 as u64;
+                paint_stack();
+                if encrypt {
+                    cipher.encrypt(1 << 40, &mut data);
+                } else {
+                    cipher.decrypt(1 << 40, &mut data);
+                }
+                mem.read_exact_at(&mut seen, top - PAINTED as u64).unwrap();
+                let checked = &seen[..PAINTED - UNCHECKED];
+                // The deepest run of zeros that no spill of a pointer or
+                // of ciphertext makes; none if the wipe stayed above.
+                let wiped_to = checked
+                    .windows(RESIDUE)
+                    .position(|w| w.iter().all(|&b| b == 0))
+                    .unwrap_or(checked.len());
+                // Just below the wipe, its own call to `memset` leaves a
+                // return address and saved registers.
+                let below = &checked[..wiped_to.saturating_sub(RESIDUE)];
+                let left = below
+                    .iter()
+                    .chain(&checked[wiped_to..])
+                    .filter(|&&b| b != PAINT && b != 0)
+                    .count();
+                assert_eq!(
+                    left, 0,
+                    "{engine:?}, encrypt {encrypt}, {sector_size}-byte sectors: {left} bytes of the pass's stack left unwiped"
+                );
+                assert!(
+                    below.contains(&PAINT),
+                    "the pass ran off the painted region"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn refuses_wrong_key_lengths() {
     for len in [0, 16, 32, 63, 65, 128] {
