@@ -32,7 +32,7 @@ const ROUND_KEYS: usize = 15;
 /// a release build and 10.1 KiB in a debug one. The wipe is one `memset`
 /// per call, which a 4 KiB request pays whole: under 4k random reads a
 /// 32 KiB wipe took as much of the server's CPU as the decryption (perf),
-/// and a call for one 4096-byte sector took 690-715 ns with it, 520-535
+/// and a call for one 4096-byte sector took 690-715 ns with it, 520-555
 /// with this one (8 KiB, too shallow for a debug build: 450-475).
 pub(super) const PASS_STACK: usize = 16 * 1024;
 
