@@ -141,13 +141,21 @@ pub fn scrub_stack() {
 }
 
 /// Wipes `N` bytes of stack below the caller's frame: [`scrub_stack`] for
-/// calls of known, shallow depth, made often. One `memset`, which the
-/// optimiser must keep because the buffer escapes into `black_box`.
-#[inline(never)]
+/// calls of known, shallow depth, made often.
+#[inline(always)]
 pub fn scrub_stack_bytes<const N: usize>() {
+    fill_stack_bytes::<N>(0);
+}
+
+/// Fills `N` bytes of stack below the caller's frame with `byte`: one
+/// `memset`, which the optimiser must keep because the buffer escapes into
+/// `black_box`. Never inlined, so the buffer is a frame of its own, right
+/// below the caller's. The cipher's tests paint the stack with it.
+#[inline(never)]
+pub(crate) fn fill_stack_bytes<const N: usize>(byte: u8) {
     let mut frame = std::mem::MaybeUninit::<[u8; N]>::uninit();
-    // SAFETY: writes N zero bytes into the N-byte buffer it points to.
-    unsafe { frame.as_mut_ptr().write_bytes(0, 1) };
+    // SAFETY: writes N bytes into the N-byte buffer it points to.
+    unsafe { frame.as_mut_ptr().write_bytes(byte, 1) };
     std::hint::black_box(&frame);
 }
 

@@ -419,16 +419,6 @@ fn every_backend_batch_size() {
 const PAINTED: usize = 64 * 1024;
 const PAINT: u8 = 0xa5;
 
-/// Fills `PAINTED` bytes below the caller's frame with `PAINT`: the frames
-/// of whatever the caller calls next land there.
-#[inline(never)]
-fn paint_stack() {
-    let mut frame = std::mem::MaybeUninit::<[u8; PAINTED]>::uninit();
-    // SAFETY: writes PAINTED bytes into the PAINTED-byte buffer.
-    unsafe { frame.as_mut_ptr().write_bytes(PAINT, 1) };
-    std::hint::black_box(&frame);
-}
-
 /// Every byte a pass leaves on the stack is wiped: after painting the stack
 /// and running a pass, the painted region holds paint (untouched) or zeros
 /// (wiped), nothing else. Read through `/proc/self/mem`, which Rust sees as
@@ -453,7 +443,8 @@ fn the_stack_wipe_covers_every_pass() {
                 let mut data = vec![0x33; sector_size * (SECTORS_PER_BATCH + 3)];
                 let here = 0u8;
                 let top = std::hint::black_box(&here) as *const u8 as u64;
-                paint_stack();
+                // The frames of the pass land on the paint.
+                crate::secret::fill_stack_bytes::<PAINTED>(PAINT);
                 if encrypt {
                     cipher.encrypt(1 << 40, &mut data);
                 } else {
