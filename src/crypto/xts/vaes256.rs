@@ -13,10 +13,11 @@
 //! registers do not hold 16 blocks and 15 round keys at once, and the
 //! compiler then ran each register through all rounds before the next: a
 //! chain of 14 dependent instructions, each waiting out the latency of the
-//! one before. This build takes eight registers (16 blocks) at a time, the
-//! round keys as memory operands, and keeps the rounds in order with an
-//! empty `asm!` per instruction: 2.9 GiB/s became 6.0 with the first and
-//! 9.0 with both.
+//! one before: the AVX-512 build's code, compiled for AVX2, ran at 6.0
+//! GiB/s. This build takes eight registers (16 blocks) at a time, the round
+//! keys as memory operands, and keeps the rounds in order with an empty
+//! `asm!` per instruction: 8.6-9.2 GiB/s, and 9.1-9.5 with the next group's
+//! tweaks computed in the same pass (`rounds`).
 //!
 //! Both expand the round keys with AES-NI and send each group of 32 tweaks
 //! with its 32 blocks through the rounds, XORed in on the way into the
@@ -26,8 +27,11 @@
 //! AES) ran the AVX-512 build at 7.0 GiB/s. So only a sector's first group
 //! is expanded; each next one is the last times α^32, four vector
 //! instructions per two tweaks (shift, carry-less multiply, XOR), which
-//! brought it to 10.8 GiB/s. `SectorCipher::new` times the engines on the
-//! CPU at hand and keeps the fastest.
+//! brought it to 10.8 GiB/s on Zen 4, before the AVX2 build reshaped
+//! `rounds` (the AVX-512 build still runs 16 registers round by round, one
+//! round key load per round; not measured on Zen 4 since).
+//! `SectorCipher::new` times the engines on the CPU at hand and keeps the
+//! fastest.
 
 use core::arch::asm;
 use core::arch::x86_64::*;
@@ -55,7 +59,7 @@ pub(super) const PASS_STACK: usize = 16 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Isa {
     /// 32 vector registers: the rounds take all 32 blocks of a tweak group
-    /// at once, the round keys in registers.
+    /// at once, their tweaks kept in registers for the last round.
     Avx512,
     /// 16 vector registers: 16 blocks at a time, the round keys from memory.
     Avx2,
