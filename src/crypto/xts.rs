@@ -251,7 +251,7 @@ impl SectorCipher {
             #[cfg(all(target_arch = "x86_64", not(aes_backend = "soft")))]
             DataCipher::Vaes256(keys) => {
                 self.for_each_batch(first_sector, data, |pass| keys.encrypt(pass));
-                scrub_stack_bytes::<{ vaes256::PASS_STACK }>();
+                keys.scrub_pass_stack();
             }
         }
     }
@@ -269,7 +269,7 @@ impl SectorCipher {
             #[cfg(all(target_arch = "x86_64", not(aes_backend = "soft")))]
             DataCipher::Vaes256(keys) => {
                 self.for_each_batch(first_sector, data, |pass| keys.decrypt(pass));
-                scrub_stack_bytes::<{ vaes256::PASS_STACK }>();
+                keys.scrub_pass_stack();
             }
         }
     }

@@ -423,7 +423,7 @@ const PAINT: u8 = 0xa5;
 /// and running a pass, the painted region holds paint (untouched) or zeros
 /// (wiped), nothing else. Read through `/proc/self/mem`, which Rust sees as
 /// I/O, not as a read of dead memory. Fails if an engine's wipe is dropped
-/// or made shallower than its pass (set `vaes256::PASS_STACK` to 2 KiB), in
+/// or made shallower than its pass (a 2 KiB wipe in `scrub_pass_stack`), in
 /// the build it runs in.
 #[test]
 fn the_stack_wipe_covers_every_pass() {

@@ -41,19 +41,10 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::Pass;
 use crate::crypto::tweak::{LANES, expand};
+use crate::secret::scrub_stack_bytes;
 
 /// AES-256 has 14 rounds, so 15 round keys.
 const ROUND_KEYS: usize = 15;
-
-/// Stack wiped after every pass of this engine (`SectorCipher::encrypt`),
-/// whose broadcast round keys live on the stack: a pass of the AVX-512
-/// build reaches 5.4 KiB in a release build and 10.1 KiB in a debug one,
-/// of the AVX2 build 2.5 and 3.7. The wipe is one `memset` per call, which
-/// a 4 KiB request pays whole: under 4k random reads a 32 KiB wipe took as
-/// much of the server's CPU as the decryption (perf), and a call for one
-/// 4096-byte sector took 690-715 ns with it, 520-555 with this one (8 KiB,
-/// too shallow for a debug build of AVX-512: 450-475).
-pub(super) const PASS_STACK: usize = 16 * 1024;
 
 /// The instruction set an engine build is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +104,24 @@ impl RoundKeys {
 
     pub(super) fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// Wipes the stack below the caller's frame after a pass of this
+    /// build, whose broadcast round keys live on the stack. A pass of the
+    /// AVX-512 build reaches 5.4 KiB in a release build and 10.1 KiB in a
+    /// debug one, of the AVX2 build 2.5 and 3.7: each wipe covers its
+    /// build's debug pass with room to spare. The wipe is one `memset` per
+    /// call, which a 4 KiB request pays whole: under 4k random reads a 32
+    /// KiB wipe took as much of the server's CPU as the decryption (perf).
+    /// A call for one 4096-byte sector took, on Zen 4 (AVX-512), 690-715
+    /// ns with 32 KiB and 520-555 with 16 KiB; on Zen 3 (AVX2), 680-830 ns
+    /// with 16 KiB and 550-590 with 8 KiB (4 KiB: no faster, 520-615).
+    #[inline(always)]
+    pub(super) fn scrub_pass_stack(&self) {
+        match self.isa {
+            Isa::Avx512 => scrub_stack_bytes::<{ 16 * 1024 }>(),
+            Isa::Avx2 => scrub_stack_bytes::<{ 8 * 1024 }>(),
+        }
     }
 
     /// Encrypts the pass's sectors in place.
