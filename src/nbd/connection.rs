@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Sleep;
 use tracing::{debug, warn};
@@ -51,9 +51,14 @@ pub const REQUEST_OVERHEAD: usize = 4096;
 /// client that does not read them before the connection is dropped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Replies are gathered in a buffer of this size, so a burst of small
-/// replies leaves in one system call; larger reads go out directly.
-const WRITE_BUFFER: usize = 64 * 1024;
+/// Replies ready together leave in one vectored write of up to this many
+/// bytes or [`BATCH_REPLIES`] replies, so a burst of small replies costs
+/// one system call; a larger read goes out alone.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// At most this many replies in one vectored write: two slices each (a
+/// header and a read's data) stay well under IOV_MAX (1024).
+const BATCH_REPLIES: usize = 64;
 
 /// Read data a connection's reader lets wait for the writer before it gives
 /// way to it. Reads served on the reactor queue their replies faster than
@@ -573,10 +578,10 @@ async fn take(semaphore: &Arc<Semaphore>, bytes: usize) -> OwnedSemaphorePermit 
 }
 
 /// The one writer of a connection: takes replies as requests complete and
-/// writes them, flushing once the queue is momentarily empty; then, if the
-/// client has nothing in flight, waits for its next request.
+/// writes those ready together at once; then, if the client has nothing in
+/// flight, waits for its next request.
 async fn write_replies<W: AsyncWrite + Unpin>(
-    writer: W,
+    mut writer: W,
     mut queue: mpsc::UnboundedReceiver<Reply>,
     structured: bool,
     context_id: u32,
@@ -584,24 +589,84 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     unsent: Arc<AtomicUsize>,
     mut next_request: Option<NextRequest>,
 ) -> io::Result<()> {
-    let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
-    let mut scratch = Vec::new();
+    let mut batch = ReplyBatch::default();
     while let Some(first) = queue.recv().await {
         let mut next = Some(first);
         while let Some(reply) = next {
-            write_reply(&mut writer, &reply, structured, context_id, &mut scratch).await?;
-            if matches!(reply.result, Ok(Outcome::Data)) {
-                unsent.fetch_sub(reply.buffer.len(), Ordering::Relaxed);
+            batch.push(reply, structured, context_id);
+            if batch.is_full() {
+                batch.send(&mut writer, &pool, &unsent).await?;
             }
-            pool.give(reply.buffer);
             next = queue.try_recv().ok();
         }
-        writer.flush().await?;
+        batch.send(&mut writer, &pool, &unsent).await?;
         if let Some(next_request) = &mut next_request {
             next_request.wait();
         }
     }
     writer.shutdown().await
+}
+
+/// Replies gathered for one vectored write: their headers encoded side by
+/// side, a read's data sent from its own buffer. A `BufWriter` before it
+/// copied each 4 KiB read into its buffer (tokio's copies vectored writes
+/// that fit): under fio's 4k random reads at queue depth 32, two
+/// alternating rounds, the server took 8.4-8.5 µs of CPU per request with
+/// it and 7.7-7.9 with this, and served 114-116k IOPS against 125-126k.
+#[derive(Default)]
+struct ReplyBatch {
+    replies: Vec<Reply>,
+    headers: Vec<u8>,
+    /// Where each reply's header ends in `headers`.
+    header_ends: Vec<usize>,
+    bytes: usize,
+}
+
+impl ReplyBatch {
+    fn push(&mut self, reply: Reply, structured: bool, context_id: u32) {
+        let start = self.headers.len();
+        encode_reply_header(&reply, structured, context_id, &mut self.headers);
+        self.header_ends.push(self.headers.len());
+        self.bytes += self.headers.len() - start + reply.buffer.len();
+        self.replies.push(reply);
+    }
+
+    fn is_full(&self) -> bool {
+        self.bytes >= WRITE_BATCH || self.replies.len() >= BATCH_REPLIES
+    }
+
+    /// Writes the batch, then gives the read buffers back to the pool and
+    /// releases the replies' charges.
+    async fn send<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        pool: &BufferPool,
+        unsent: &AtomicUsize,
+    ) -> io::Result<()> {
+        let mut slices = [IoSlice::new(&[]); 2 * BATCH_REPLIES];
+        let mut used = 0;
+        let mut start = 0;
+        for (reply, &end) in self.replies.iter().zip(&self.header_ends) {
+            slices[used] = IoSlice::new(&self.headers[start..end]);
+            used += 1;
+            start = end;
+            if !reply.buffer.is_empty() {
+                slices[used] = IoSlice::new(&reply.buffer);
+                used += 1;
+            }
+        }
+        write_all_vectored(writer, &mut slices[..used]).await?;
+        for reply in self.replies.drain(..) {
+            if matches!(reply.result, Ok(Outcome::Data)) {
+                unsent.fetch_sub(reply.buffer.len(), Ordering::Relaxed);
+            }
+            pool.give(reply.buffer);
+        }
+        self.headers.clear();
+        self.header_ends.clear();
+        self.bytes = 0;
+        Ok(())
+    }
 }
 
 /// A client that has all its replies sends its next request at once if it
@@ -717,47 +782,31 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Stalling<W> {
     }
 }
 
-/// Encodes one reply: simple replies unless structured replies were
+/// Appends a reply's header, all of it but a read's data, which follows it
+/// from the reply's buffer: simple replies unless structured replies were
 /// negotiated; then reads are data chunks (proto.md: a read "MUST NOT" get
 /// a simple reply), errors are error chunks with a message, and other
-/// successes stay simple (allowed, and shorter). Read data goes out after
-/// its header without being copied next to it.
-async fn write_reply<W: AsyncWrite + Unpin>(
-    writer: &mut BufWriter<W>,
-    reply: &Reply,
-    structured: bool,
-    context_id: u32,
-    scratch: &mut Vec<u8>,
-) -> io::Result<()> {
+/// successes stay simple (allowed, and shorter).
+fn encode_reply_header(reply: &Reply, structured: bool, context_id: u32, out: &mut Vec<u8>) {
     let cookie = reply.cookie;
     let ok = SimpleReply {
         error: WireError::OK,
         cookie,
     };
-    scratch.clear();
     match (&reply.result, structured) {
         (Ok(Outcome::Data), true) if !reply.buffer.is_empty() => {
-            let data = &reply.buffer;
-            let header = offset_data_header(cookie, reply.offset, data.len() as u32);
-            return write_all_vectored(writer, &mut [IoSlice::new(&header), IoSlice::new(data)])
-                .await;
-        }
-        (Ok(Outcome::Data), false) => {
-            return write_all_vectored(
-                writer,
-                &mut [IoSlice::new(&ok.encode()), IoSlice::new(&reply.buffer)],
-            )
-            .await;
+            let length = reply.buffer.len() as u32;
+            out.extend_from_slice(&offset_data_header(cookie, reply.offset, length));
         }
         (Ok(_), true) if reply.command == Command::READ => {
-            scratch.extend_from_slice(&ChunkHeader::done(cookie).encode());
+            out.extend_from_slice(&ChunkHeader::done(cookie).encode());
         }
         (Ok(Outcome::Extents(descriptors)), true) => {
-            encode_block_status_chunk(cookie, context_id, descriptors, scratch);
+            encode_block_status_chunk(cookie, context_id, descriptors, out);
         }
-        (Ok(_), _) => scratch.extend_from_slice(&ok.encode()),
-        (Err(e), true) => encode_error_chunk(cookie, e.wire_code(), &e.to_string(), scratch),
-        (Err(e), false) => scratch.extend_from_slice(
+        (Ok(_), _) => out.extend_from_slice(&ok.encode()),
+        (Err(e), true) => encode_error_chunk(cookie, e.wire_code(), &e.to_string(), out),
+        (Err(e), false) => out.extend_from_slice(
             &SimpleReply {
                 error: e.wire_code(),
                 cookie,
@@ -765,7 +814,6 @@ async fn write_reply<W: AsyncWrite + Unpin>(
             .encode(),
         ),
     }
-    writer.write_all(scratch).await
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
@@ -984,6 +1032,69 @@ mod tests {
         let (_, kind, _, payload) = chunk(c).await;
         assert_eq!(kind, ReplyType::ERROR);
         assert_eq!(&payload[..4], &95u32.to_be_bytes(), "ENOTSUP");
+    }
+
+    /// More replies ready at once than one vectored write takes, by count
+    /// (small reads) and by bytes (4 KiB reads), with error chunks among
+    /// them: each arrives whole, its data right after its own header, and
+    /// every read's data is counted as sent.
+    #[tokio::test]
+    async fn replies_beyond_one_batch_arrive_whole_and_in_step() {
+        for (count, len) in [(3 * BATCH_REPLIES + 5, 512), (WRITE_BATCH / 4096 * 3, 4096)] {
+            let failed = |i: usize| i % 17 == 5;
+            let data = |i: usize| vec![i as u8; len];
+            let (queue, replies) = mpsc::unbounded_channel();
+            let permits = Arc::new(Semaphore::new(2 * count));
+            let unsent = Arc::new(AtomicUsize::new(0));
+            for i in 0..count {
+                let (result, buffer) = if failed(i) {
+                    let e = io::Error::other("medium error");
+                    (Err(NbdError::Io(e)), Vec::new())
+                } else {
+                    unsent.fetch_add(len, Ordering::Relaxed);
+                    (Ok(Outcome::Data), data(i))
+                };
+                let reply = Reply {
+                    cookie: i as u64,
+                    command: Command::READ,
+                    offset: (i * len) as u64,
+                    result,
+                    buffer,
+                    _permit: Charge {
+                        _connection: permits.clone().try_acquire_owned().unwrap(),
+                        _server: permits.clone().try_acquire_owned().unwrap(),
+                    },
+                };
+                queue.send(reply).unwrap();
+            }
+            drop(queue);
+            let (mut client, server) = duplex(1 << 20);
+            let pool = Arc::new(BufferPool::new(1 << 20, PoolBudget::new(1 << 20)));
+            let sent = unsent.clone();
+            let writer = tokio::spawn(write_replies(server, replies, true, 0, pool, sent, None));
+            for i in 0..count {
+                let (flags, kind, cookie, payload) = chunk(&mut client).await;
+                assert_eq!((flags, cookie), (1, i as u64), "reply {i}");
+                if failed(i) {
+                    assert_eq!(kind, ReplyType::ERROR, "reply {i}");
+                    assert_eq!(&payload[..4], &5u32.to_be_bytes(), "EIO");
+                } else {
+                    assert_eq!(kind, ReplyType::OFFSET_DATA, "reply {i}");
+                    assert_eq!(&payload[..8], &((i * len) as u64).to_be_bytes());
+                    assert!(payload[8..] == data(i), "reply {i}'s data");
+                }
+            }
+            writer.await.unwrap().unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "nothing after the last reply");
+            assert_eq!(unsent.load(Ordering::Relaxed), 0);
+            assert_eq!(
+                permits.available_permits(),
+                2 * count,
+                "every charge released"
+            );
+        }
     }
 
     fn job(op: Op, buffer: Vec<u8>) -> Job {
