@@ -221,9 +221,13 @@ fn run_avx512<const ENCRYPT: bool>(keys: &[[u8; 16]; ROUND_KEYS], pass: Pass<'_>
 #[target_feature(enable = "avx2,vaes,vpclmulqdq,aes")]
 #[inline]
 fn run<const ENCRYPT: bool, const WIDTH: usize>(keys: &[[u8; 16]; ROUND_KEYS], pass: Pass<'_>) {
-    // SAFETY: each key is 16 bytes; the loads are unaligned ones.
-    let wide =
-        keys.map(|k| unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(k.as_ptr().cast())) });
+    // A loop, not `array::map`, whose closure lacks the target features
+    // and stays an out-of-line call per pass.
+    let mut wide = [_mm256_setzero_si256(); ROUND_KEYS];
+    for (wide, key) in wide.iter_mut().zip(keys) {
+        // SAFETY: each key is 16 bytes; the load is an unaligned one.
+        *wide = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(key.as_ptr().cast()) });
+    }
     let mut tweaks = [Block::default(); LANES];
     for (sector, start) in pass
         .blocks
