@@ -53,7 +53,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Replies ready together leave in one vectored write of up to this many
 /// bytes or [`BATCH_REPLIES`] replies, so a burst of small replies costs
-/// one system call; a larger read goes out alone.
+/// one system call; a larger read ends the batch it joins.
 const WRITE_BATCH: usize = 64 * 1024;
 
 /// At most this many replies in one vectored write: two slices each (a
