@@ -24,8 +24,13 @@
 # times in alternation; tables give the median and the range over the rounds,
 # and ratios are taken within a round, then summarised.
 #
-# Usage: scripts/bench.sh [cipher|e2e|all]       (default all)
-#   ROUNDS=3            rounds of each part
+# Copies: nbdcopy of 1 GiB into a fresh disk and back out, nbdcrypt against
+# nbdkit's file plugin, in more rounds than the rest, since copies into a
+# fresh disk stall now and then on this kind of VM (see copy_round).
+#
+# Usage: scripts/bench.sh [cipher|e2e|copy|all]       (default all)
+#   ROUNDS=3            rounds of the cipher and end-to-end parts
+#   COPY_ROUNDS=8       rounds of the copies
 #   RUNTIME=10          seconds per fio job (plus 2 s ramp)
 #   PEER_SERVERS="nbdkit-file nbdkit-luks qemu-nbd-luks"   (names from peers.sh)
 #   WAIT_IDLE=<loadavg> wait (up to 300 s) for a quieter machine before each server
@@ -36,6 +41,7 @@ cd "$(dirname "$0")/.."
 
 WHAT=${1:-all}
 ROUNDS=${ROUNDS:-3}
+COPY_ROUNDS=${COPY_ROUNDS:-8}
 RUNTIME=${RUNTIME:-10}
 PEER_SERVERS=${PEER_SERVERS:-"nbdkit-file nbdkit-luks qemu-nbd-luks"}
 PEERS=${PEERS:-../shared/bench/peers.sh}
@@ -46,17 +52,22 @@ RESULTS=$(mktemp -d)
 trap 'rm -rf "$RESULTS"' EXIT
 
 case $WHAT in
-cipher | e2e | all) ;;
+cipher | e2e | copy | all) ;;
 *)
-    echo "usage: scripts/bench.sh [cipher|e2e|all]" >&2
+    echo "usage: scripts/bench.sh [cipher|e2e|copy|all]" >&2
     exit 2
     ;;
 esac
-if [[ $WHAT != cipher ]]; then
+# Whether the run includes part $1.
+part() { [[ $WHAT == all || $WHAT == "$1" ]]; }
+
+if part e2e; then
     [[ -f $PEERS ]] || {
         echo "bench: $PEERS not found (set PEERS=path/to/peers.sh)" >&2
         exit 1
     }
+fi
+if part e2e || part copy; then
     # What the peers script asks for, whichever servers it runs, with the
     # Debian package that brings each.
     declare -A NEEDS=(
@@ -165,34 +176,78 @@ run_peers() {
     }
 }
 
+# Starts $1 (nbdkit-file or nbdcrypt) on $2/sock over a fresh 1 GiB disk in
+# $2, filled with the peers' random data if $3 is "filled", else empty: a
+# sparse raw image, or a new volume. Sets SERVER_PID and SERVER_URI; the log
+# goes to $4.
+start_disk() {
+    local name=$1 work=$2 fill=$3 log=$4
+    rm -f "$work/sock" "$work/raw.img"
+    if [[ $name == nbdkit-file ]]; then
+        if [[ $fill == filled ]]; then
+            cp "$BENCH_DIR/work/src.bin" "$work/raw.img"
+        else
+            truncate -s 1G "$work/raw.img"
+        fi
+        setsid nbdkit -f -U "$work/sock" file "$work/raw.img" </dev/null >"$log" 2>&1 &
+    else
+        rm -rf "$work/kms" "$work/nbdcrypt.vol"
+        NBDCRYPT_KMS_DIR=$work/kms "$NBDCRYPT_BIN" kms create-key --alias alias/bench >/dev/null 2>&1
+        NBDCRYPT_KMS_DIR=$work/kms "$NBDCRYPT_BIN" volume create "$work/nbdcrypt.vol" --size 1G \
+            --kms-key alias/bench --db-id "$DB" --vol-id vol-bench $NBDCRYPT_VOLUME_FLAGS >/dev/null
+        NBDCRYPT_KMS_DIR=$work/kms setsid "$NBDCRYPT_BIN" serve --unix "$work/sock" --db-id "$DB" \
+            "$work/nbdcrypt.vol" </dev/null >"$log" 2>&1 &
+    fi
+    SERVER_PID=$!
+    SERVER_URI="nbd+unix:///?socket=$work/sock"
+    for _ in $(seq 100); do nbdinfo --size "$SERVER_URI" >/dev/null 2>&1 && break || sleep 0.1; done
+    [[ $name == nbdcrypt && $fill == filled ]] && nbdcopy "$BENCH_DIR/work/src.bin" "$SERVER_URI"
+    return 0
+}
+
+stop_disk() {
+    kill -TERM "$SERVER_PID"
+    wait "$SERVER_PID" || true
+}
+
 # 4k random reads at iodepth 1 for the p99 latency (peers.sh has no such
 # job): nbdkit's file plugin on a raw copy of the peers' random data against
 # nbdcrypt on a volume filled with it. $1 results dir.
 qd1_round() {
-    local dir=$1 work=$BENCH_DIR/qd1 name pid uri
+    local dir=$1 work=$BENCH_DIR/qd1 name
     mkdir -p "$dir" "$work"
     for name in nbdkit-file nbdcrypt; do
-        rm -f "$work/sock"
-        if [[ $name == nbdkit-file ]]; then
-            cp "$BENCH_DIR/work/src.bin" "$work/raw.img"
-            setsid nbdkit -f -U "$work/sock" file "$work/raw.img" </dev/null >"$dir/$name.log" 2>&1 &
-        else
-            rm -rf "$work/kms" "$work/nbdcrypt.vol"
-            NBDCRYPT_KMS_DIR=$work/kms "$NBDCRYPT_BIN" kms create-key --alias alias/bench >/dev/null 2>&1
-            NBDCRYPT_KMS_DIR=$work/kms "$NBDCRYPT_BIN" volume create "$work/nbdcrypt.vol" --size 1G \
-                --kms-key alias/bench --db-id "$DB" --vol-id vol-bench >/dev/null
-            NBDCRYPT_KMS_DIR=$work/kms setsid "$NBDCRYPT_BIN" serve --unix "$work/sock" --db-id "$DB" \
-                "$work/nbdcrypt.vol" </dev/null >"$dir/$name.log" 2>&1 &
-        fi
-        pid=$!
-        uri="nbd+unix:///?socket=$work/sock"
-        for _ in $(seq 100); do nbdinfo --size "$uri" >/dev/null 2>&1 && break || sleep 0.1; done
-        [[ $name == nbdcrypt ]] && nbdcopy "$BENCH_DIR/work/src.bin" "$uri"
-        fio --name=qd1 --ioengine=nbd --uri="$uri" --rw=randread --bs=4k --iodepth=1 \
+        start_disk "$name" "$work" filled "$dir/$name.log"
+        fio --name=qd1 --ioengine=nbd --uri="$SERVER_URI" --rw=randread --bs=4k --iodepth=1 \
             --runtime="$RUNTIME" --time_based --ramp_time=2 --lat_percentiles=1 \
             --output-format=json --output="$dir/$name.json" >/dev/null 2>&1 || true
-        kill -TERM "$pid"
-        wait "$pid" || true
+        stop_disk
+    done
+    rm -rf "$work"
+}
+
+# nbdcopy of 1 GiB into a fresh disk and back out to /dev/null, nbdcrypt
+# against nbdkit's file plugin, which comes first in every other round. A
+# copy into a fresh disk stalls now and then on this kind of VM, whichever
+# server takes it: the page cache it fills may land on memory the guest
+# gave back to its host (free page reporting), which the host must fault in
+# again, so the copy into the page cache crawls (perf: 33% of a stalled
+# copy's samples in copy_folio_from_iter_atomic, against 6% of a quick
+# one's). The e2e rounds copy once per server; these rounds are cheap, so
+# there are more of them. $1 round.
+copy_round() {
+    local dir=$RESULTS/copy work=$BENCH_DIR/copy name t0 t1 names=(nbdkit-file nbdcrypt)
+    mkdir -p "$dir" "$work"
+    (($1 % 2)) || names=(nbdcrypt nbdkit-file)
+    for name in "${names[@]}"; do
+        cat "$BENCH_DIR/work/src.bin" >/dev/null
+        start_disk "$name" "$work" empty "$dir/$name.log"
+        t0=$EPOCHREALTIME
+        nbdcopy "$BENCH_DIR/work/src.bin" "$SERVER_URI"
+        t1=$EPOCHREALTIME
+        nbdcopy "$SERVER_URI" /dev/null
+        printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$name" "$t0" "$t1" "$EPOCHREALTIME" >>"$dir/copy.tsv"
+        stop_disk
     done
     rm -rf "$work"
 }
@@ -211,16 +266,27 @@ e2e_round() {
 }
 
 for round in $(seq 1 "$ROUNDS"); do
-    if [[ $WHAT != e2e ]]; then
+    if part cipher; then
         echo "sector cipher: round $round of $ROUNDS" >&2
         crypto_round "$round"
     fi
-    if [[ $WHAT != cipher ]]; then
+    if part e2e; then
         e2e_round "$round"
     fi
 done
+if part copy; then
+    # The peers' random data, made as peers.sh makes it when it is not there.
+    if [[ $(stat -c %s "$BENCH_DIR/work/src.bin" 2>/dev/null) != 1073741824 ]]; then
+        mkdir -p "$BENCH_DIR/work"
+        head -c 1073741824 /dev/urandom >"$BENCH_DIR/work/src.bin"
+    fi
+    for round in $(seq 1 "$COPY_ROUNDS"); do
+        echo "copies: round $round of $COPY_ROUNDS" >&2
+        copy_round "$round"
+    done
+fi
 
-if [[ $WHAT != e2e ]]; then
+if part cipher; then
     python3 - "$RESULTS" <<'EOF'
 import glob, json, os, sys
 
@@ -275,7 +341,7 @@ for op in ("read", "write"):
 EOF
 fi
 
-if [[ $WHAT != cipher ]]; then
+if part e2e; then
     python3 - "$RESULTS" "$PEER_SERVERS" <<'EOF'
 import csv, glob, json, os, statistics, sys
 
@@ -360,6 +426,13 @@ for job, label, unit in JOBS:
         text += f" {s} {summary([cost(d, s) for d in per_round], '{:.1f}')};"
     print(text.rstrip(";"))
 
+# On a 2-CPU machine the client has one CPU to itself at most: fio near 100%
+# of one means the job measured the client, whatever the server does.
+print("\nfio's own CPU in nbdcrypt's jobs, % of one CPU (the client's ceiling is 100):")
+for job, label, unit in JOBS:
+    busy = [float(d["fio"][("nbdcrypt", job)]["fio_cpu"]) for d in per_round if ("nbdcrypt", job) in d["fio"]]
+    print(f"  {label:20} {summary(busy)}")
+
 print("\nScaling: nbdcrypt on all CPUs against `taskset -c 0` (one CPU), ratio within each round:")
 for job, label, unit in JOBS:
     two = [value(d["fio"], "nbdcrypt", job, unit) for d in per_round]
@@ -388,5 +461,28 @@ print("4k random reads, iodepth 1: p99 latency µs (IOPS): "
       f"nbdcrypt {summary([o[0] for o in ours])} ({summary([o[1] for o in ours])}); "
       f"nbdkit-file {summary([t[0] for t in theirs])} ({summary([t[1] for t in theirs])}); "
       f"x {summary([ratio(o[0], t[0]) for o, t in zip(ours, theirs)], '{:.2f}')}")
+EOF
+fi
+
+if part copy; then
+    python3 - "$RESULTS/copy/copy.tsv" <<'EOF'
+import collections, statistics, sys
+
+GIB = 1 << 30
+rounds = collections.defaultdict(dict)
+for line in open(sys.argv[1]):
+    r, name, t0, t1, t2 = line.split()
+    rounds[r][name] = (GIB / (float(t1) - float(t0)) / 1e6, GIB / (float(t2) - float(t1)) / 1e6)
+
+def summary(values, fmt):
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+print(f"\nnbdcopy of 1 GiB, {len(rounds)} alternating rounds, fresh disks; MB/s, median [range]; ratio within each round:")
+for i, label in enumerate(("into a fresh disk", "out to /dev/null")):
+    pairs = [(d["nbdcrypt"][i], d["nbdkit-file"][i]) for d in rounds.values() if len(d) == 2]
+    ours, theirs = [p[0] for p in pairs], [p[1] for p in pairs]
+    ratios = [a / b for a, b in pairs]
+    print(f"  {label:18} nbdcrypt {summary(ours, '{:.0f}')}  nbdkit-file {summary(theirs, '{:.0f}')}"
+          f"  x {summary(ratios, '{:.2f}')}")
 EOF
 fi
