@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
@@ -86,15 +86,18 @@ pub struct Backing {
 }
 
 /// Whether a device zeroes ranges by itself, from its queue limits in
-/// sysfs (a partition's are its disk's). Limits that cannot be read (no
-/// sysfs, as in some containers) count as none: a fast zero is then refused
-/// rather than slow.
+/// sysfs. Limits that cannot be read (no sysfs, as in some containers)
+/// count as none: a fast zero is then refused rather than slow.
 fn device_zeroes_itself(file: &File) -> bool {
-    let Ok(meta) = file.metadata() else {
-        return false;
-    };
-    let dev = meta.rdev();
-    let dir = PathBuf::from(format!("/sys/dev/block/{}:{}", major(dev), minor(dev)));
+    file.metadata()
+        .is_ok_and(|meta| queue_zeroes(Path::new("/sys"), meta.rdev()))
+}
+
+/// Whether the queue of device `dev`, under the sysfs mounted at `sysfs`,
+/// takes WRITE ZEROES. A partition has no queue of its own: its limits are
+/// its disk's, the directory above it.
+fn queue_zeroes(sysfs: &Path, dev: u64) -> bool {
+    let dir = sysfs.join(format!("dev/block/{}:{}", major(dev), minor(dev)));
     // The kernel resolves `..` after the symlink, to the disk's directory.
     let queue = if dir.join("partition").exists() {
         dir.join("../queue")
@@ -433,6 +436,7 @@ fn to_off(v: u64) -> io::Result<i64> {
 mod tests {
     use super::*;
     use crate::volume::reserved::CHUNK;
+    use nix::sys::stat::makedev;
 
     #[test]
     fn holes_and_data_of_a_sparse_file() {
@@ -481,5 +485,38 @@ mod tests {
         b.prepare_write(len - RESERVE_MIN, RESERVE_MIN);
         assert_eq!(allocated(&b), 2 * CHUNK - 65536 + 8192);
         assert_eq!(b.len().unwrap(), len);
+    }
+
+    /// A sysfs tree as the kernel lays it out for a loop disk with one
+    /// partition: `dev/block/M:m` links into `devices/`, and the
+    /// partition's directory sits inside its disk's.
+    fn sysfs_with_partition(zeroes_max: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let disk = root.path().join("devices/virtual/block/loop9");
+        std::fs::create_dir_all(disk.join("queue")).unwrap();
+        std::fs::create_dir_all(disk.join("loop9p1")).unwrap();
+        std::fs::write(disk.join("queue/write_zeroes_max_bytes"), zeroes_max).unwrap();
+        std::fs::write(disk.join("loop9p1/partition"), "1\n").unwrap();
+        let links = root.path().join("dev/block");
+        std::fs::create_dir_all(&links).unwrap();
+        std::os::unix::fs::symlink("../../devices/virtual/block/loop9", links.join("7:9")).unwrap();
+        std::os::unix::fs::symlink(
+            "../../devices/virtual/block/loop9/loop9p1",
+            links.join("259:1"),
+        )
+        .unwrap();
+        root
+    }
+
+    #[test]
+    fn a_partition_zeroes_as_its_disk_does() {
+        let yes = sysfs_with_partition("4294966784\n");
+        assert!(queue_zeroes(yes.path(), makedev(7, 9)));
+        assert!(queue_zeroes(yes.path(), makedev(259, 1)));
+        let no = sysfs_with_partition("0\n");
+        assert!(!queue_zeroes(no.path(), makedev(7, 9)));
+        assert!(!queue_zeroes(no.path(), makedev(259, 1)));
+        // A device sysfs does not list has no limits to read.
+        assert!(!queue_zeroes(yes.path(), makedev(8, 0)));
     }
 }
