@@ -85,17 +85,11 @@ pub struct Backing {
     known_data: KnownData,
 }
 
-/// Whether a device zeroes ranges by itself, from its queue limits in
-/// sysfs. Limits that cannot be read (no sysfs, as in some containers)
-/// count as none: a fast zero is then refused rather than slow.
-fn device_zeroes_itself(file: &File) -> bool {
-    file.metadata()
-        .is_ok_and(|meta| queue_zeroes(Path::new("/sys"), meta.rdev()))
-}
-
-/// Whether the queue of device `dev`, under the sysfs mounted at `sysfs`,
-/// takes WRITE ZEROES. A partition has no queue of its own: its limits are
-/// its disk's, the directory above it.
+/// Whether device `dev` zeroes ranges by itself: whether its queue, under
+/// the sysfs mounted at `sysfs`, takes WRITE ZEROES. A partition has no
+/// queue of its own: its limits are its disk's, the directory above it.
+/// Limits that cannot be read (no sysfs, as in some containers) count as
+/// none: a fast zero is then refused rather than slow.
 fn queue_zeroes(sysfs: &Path, dev: u64) -> bool {
     let dir = sysfs.join(format!("dev/block/{}:{}", major(dev), minor(dev)));
     // The kernel resolves `..` after the symlink, to the disk's directory.
@@ -114,7 +108,8 @@ impl Backing {
     pub fn new(file: File) -> io::Result<Self> {
         let meta = file.metadata()?;
         let (kind, zeroes_itself, len) = if meta.file_type().is_block_device() {
-            (BackingKind::BlockDevice, device_zeroes_itself(&file), 0)
+            let zeroes_itself = queue_zeroes(Path::new("/sys"), meta.rdev());
+            (BackingKind::BlockDevice, zeroes_itself, 0)
         } else {
             (BackingKind::File, true, meta.len())
         };
